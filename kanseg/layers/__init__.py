@@ -1,0 +1,59 @@
+"""The KAN layer core shared by kanseg and kanpeft."""
+from __future__ import annotations
+
+from math import prod
+from typing import Sequence
+
+from torch import nn
+
+from .basis import BASIS_REGISTRY, Basis, create_basis, register_basis
+from .bottleneck import KANBottleneckConv
+from .conv import KANConv
+from .norm import create_norm
+
+_CONV_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute")
+
+
+def create_kan_conv(
+    family: str,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    bottleneck: bool = False,
+    dim_reduction: float = 4.0,
+    min_internal: int = 16,
+    **family_options,
+) -> nn.Module:
+    """Build a KAN convolution of any registered ``family`` in 1D, 2D or 3D.
+
+    ``family_options`` holds the basis options (``degree``, ``grid_size``, ``wavelet``...) and
+    the layer options ``norm``, ``activation``, ``base_activation``, ``dropout``, ``affine``
+    and ``recompute``. ``bottleneck=True`` wraps the basis conv in 1x1 squeeze / expand convs.
+    """
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    conv_options = {k: family_options.pop(k) for k in _CONV_OPTIONS if k in family_options}
+    ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if bottleneck:
+        return KANBottleneckConv(
+            family, spatial_dims, in_channels, out_channels, kernel_size,
+            dim_reduction=dim_reduction, min_internal=min_internal,
+            basis_options=family_options, **geometry, **conv_options,
+        )
+    if groups < 1 or in_channels % groups:
+        raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+    basis = create_basis(family, in_channels // groups, prod(ks), **family_options)
+    return KANConv(basis, spatial_dims, in_channels, out_channels, kernel_size, **geometry,
+                   **conv_options)
+
+
+__all__ = [
+    "BASIS_REGISTRY", "Basis", "KANBottleneckConv", "KANConv", "create_basis", "create_kan_conv",
+    "create_norm", "register_basis",
+]

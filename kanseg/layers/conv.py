@@ -1,0 +1,196 @@
+"""The one KAN convolution, generic over 1D/2D/3D and over basis families.
+
+``y = act(norm(conv(base_act(x), W_base) + conv(basis(x), W_basis)))``
+
+Both branches run as a single convolution over the per-channel stack
+``[base_act(x), basis_0(x), ..., basis_{n-1}(x)]`` (channel-major layout: expanded channel
+``c * (n_basis + 1) + j``), with weights kept as two tensors (``base_weight`` and
+``basis_weight``) so that adapters and checkpoint importers can address them separately.
+With ``recompute=True`` the expanded stack is not kept for backward: it is rebuilt from ``x``
+in the backward pass (see :class:`_ExpandConv`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .basis import Basis
+from .norm import create_norm
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DROPOUT = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
+
+
+def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+    return value
+
+
+def expand_with_base(x: Tensor, basis: Basis, base_activation: nn.Module | None) -> Tensor:
+    """Per-channel stack ``[base_act(x), basis(x)...]`` flattened to ``(B, C*(n+1), *S)``."""
+    expanded = basis(x)
+    if base_activation is not None:
+        expanded = torch.cat([base_activation(x).unsqueeze(2), expanded], dim=2)
+    return expanded.flatten(1, 2)
+
+
+class _ExpandConv(torch.autograd.Function):
+    """conv(expand(x), w) that saves only ``x`` and ``w`` and recomputes ``expand(x)`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, layer: "KANConv", *basis_params: Tensor) -> Tensor:
+        with torch.no_grad():
+            expanded = layer.expand(x)
+        ctx.layer = layer
+        ctx.save_for_backward(x, weight)
+        return layer.conv(expanded, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        layer: KANConv = ctx.layer
+        params = [p for p in layer.basis.parameters()]
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            expanded = layer.expand(x_leaf)
+        d = layer.spatial_dims
+        grad_expanded, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, expanded.detach(), weight, None, layer.stride, layer.padding,
+            layer.dilation, False, [0] * d, layer.groups,
+            [True, ctx.needs_input_grad[1], False],
+        )
+        inputs = ([x_leaf] if ctx.needs_input_grad[0] else []) + [p for p in params if p.requires_grad]
+        grads = torch.autograd.grad(expanded, inputs, grad_expanded, allow_unused=True) if inputs else ()
+        grads = list(grads)
+        grad_x = grads.pop(0) if ctx.needs_input_grad[0] else None
+        param_grads = []
+        for p in params:
+            param_grads.append(grads.pop(0) if p.requires_grad else None)
+        return (grad_x, grad_weight, None, *param_grads)
+
+
+class KANConv(nn.Module):
+    """A KAN convolution layer for any basis family and 1, 2 or 3 spatial dims."""
+
+    def __init__(
+        self,
+        basis: Basis,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        norm: str | None = "instance",
+        activation: str | None = "silu",
+        base_activation: str | None = "silu",
+        dropout: float = 0.0,
+        affine: bool = True,
+        recompute: bool = True,
+        use_base: bool = True,
+    ):
+        super().__init__()
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        if groups < 1:
+            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
+                f"by groups ({groups})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _ntuple(kernel_size, spatial_dims, "kernel_size")
+        self.stride = _ntuple(stride, spatial_dims, "stride")
+        self.padding = _ntuple(padding, spatial_dims, "padding")
+        self.dilation = _ntuple(dilation, spatial_dims, "dilation")
+        self.groups = groups
+        self.recompute = recompute
+        self.basis = basis
+        has_base = use_base and basis.use_base
+        self.base_activation = create_activation(base_activation) if has_base else None
+        self.dropout = _DROPOUT[spatial_dims](dropout) if dropout > 0 else None
+
+        in_per_group = in_channels // groups
+        kshape = (out_channels,) + (in_per_group,) + self.kernel_size
+        self.base_weight = nn.Parameter(torch.empty(kshape)) if has_base else None
+        self.basis_weight = nn.Parameter(
+            torch.empty((out_channels, in_per_group * basis.n_basis) + self.kernel_size)
+        )
+        self.norm = create_norm(norm, spatial_dims, out_channels, affine=affine)
+        self.act = create_activation(activation)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform (linear gain) for both branches, as in torch-conv-kan."""
+        if self.base_weight is not None:
+            nn.init.kaiming_uniform_(self.base_weight, nonlinearity="linear")
+        nn.init.kaiming_uniform_(self.basis_weight, nonlinearity="linear")
+
+    @property
+    def n_expanded(self) -> int:
+        """Expanded channels per input channel (basis plus base slot)."""
+        return self.basis.n_basis + (1 if self.base_weight is not None else 0)
+
+    def fused_weight(self) -> Tensor:
+        """Weight over the channel-major stack ``[base, basis_0, ...]`` per input channel."""
+        out_ch, k = self.out_channels, self.kernel_size
+        basis_w = self.basis_weight.view(out_ch, -1, self.basis.n_basis, *k)
+        if self.base_weight is None:
+            return self.basis_weight
+        return torch.cat([self.base_weight.unsqueeze(2), basis_w], dim=2).flatten(1, 2)
+
+    def expand(self, x: Tensor) -> Tensor:
+        """Expanded per-channel stack fed to the fused convolution."""
+        return expand_with_base(x, self.basis, self.base_activation)
+
+    def conv(self, expanded: Tensor, weight: Tensor) -> Tensor:
+        """The fused convolution (one call for all groups and both branches)."""
+        fn = _CONV_FN[self.spatial_dims]
+        return fn(expanded, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"KANConv expected input of shape (B, {self.in_channels}, "
+                f"{', '.join(['*'] * self.spatial_dims)}), got {tuple(x.shape)}"
+            )
+        if self.dropout is not None:
+            x = self.dropout(x)
+        weight = self.fused_weight()
+        if self.recompute and torch.is_grad_enabled():
+            y = _ExpandConv.apply(x, weight, self, *self.basis.parameters())
+        else:
+            y = self.conv(self.expand(x), weight)
+        return self.act(self.norm(y))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.basis.family}, {self.in_channels}, {self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, groups={self.groups}, recompute={self.recompute}"
+        )
+
+
+ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
+
+
+def create_activation(name: str | None) -> nn.Module:
+    if name is None:
+        return nn.Identity()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or None, got {name!r}")
+    return ACTIVATIONS[name]()
