@@ -105,7 +105,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     if unknown:
         prefix = f"{path}." if path else ""
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!r}"
+            f"unknown key '{prefix}{unknown[0]}'"
             + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
             + f"; allowed keys in {where}: {', '.join(sorted(fields))}"
         )
@@ -119,7 +119,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     ]
     if missing:
         prefix = f"{path}." if path else ""
-        raise ConfigError(f"missing required key {prefix}{missing[0]!r} in {where}")
+        raise ConfigError(f"missing required key '{prefix}{missing[0]}' in {where}")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
