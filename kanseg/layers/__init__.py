@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .basis import BASIS_REGISTRY, Basis, create_basis, register_basis
+from .basis import BASIS_REGISTRY, Basis, basis_class, create_basis, register_basis
 from .bottleneck import KANBottleneckConv
 from .conv import KANConv
 from .norm import create_norm
@@ -33,11 +33,13 @@ def create_kan_conv(
 
     ``family_options`` holds the basis options (``degree``, ``grid_size``, ``wavelet``...) and
     the layer options ``norm``, ``activation``, ``base_activation``, ``dropout``, ``affine``
-    and ``recompute``. ``bottleneck=True`` wraps the basis conv in 1x1 squeeze / expand convs.
+    and ``recompute``; layer options not given take the family's ``layer_defaults`` (torch-conv-kan's
+    choice of base activation, output norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1 squeeze / expand convs.
     """
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-    conv_options = {k: family_options.pop(k) for k in _CONV_OPTIONS if k in family_options}
+    conv_options = dict(basis_class(family).layer_defaults)
+    conv_options.update({k: family_options.pop(k) for k in _CONV_OPTIONS if k in family_options})
     ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if bottleneck:

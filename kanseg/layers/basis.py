@@ -7,6 +7,8 @@ convolution core (:mod:`kanseg.layers.conv`) is shared by all of them.
 from __future__ import annotations
 
 from typing import Callable
+import math
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,15 +41,45 @@ class Basis(nn.Module):
     use_base: bool = True
     #: extra degrees for PEFT / polynomial families expose ``degree``
     degree: int | None = None
+    #: layer options this family uses unless the caller sets them (torch-conv-kan's choices)
+    layer_defaults: dict[str, Any] = {}
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
-def _check_degree(degree: int) -> int:
-    if not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"degree must be an integer >= 0, got {degree!r}")
+def _check_degree(degree: int, name: str = "degree") -> int:
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {degree!r}")
     return degree
+
+
+def _check_grid(grid_size: int, grid_range: Sequence[float], minimum: int = 1) -> tuple[float, float]:
+    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < minimum:
+        raise ValueError(f"grid_size must be an integer >= {minimum}, got {grid_size!r}")
+    lo, hi = (float(v) for v in grid_range)
+    if not hi > lo:
+        raise ValueError(f"grid_range must be (low, high) with low < high, got {tuple(grid_range)!r}")
+    return lo, hi
+
+
+def _channel_param(param: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a per-channel ``(C_group, n)`` parameter against ``x.unsqueeze(2)``.
+
+    Grouped layers run all groups in one call, so ``x`` holds ``groups * C_group`` channels;
+    like torch-conv-kan, every group shares the same per-channel parameters.
+    """
+    groups = x.shape[1] // param.shape[0]
+    return param.repeat(groups, 1).view((1, x.shape[1], param.shape[1]) + (1,) * (x.dim() - 2))
+
+
+def _group_minmax(x: Tensor, channels_per_group: int) -> Tensor:
+    """Scale ``x`` to [-1, 1] by its min and max over each group (batch included)."""
+    grouped = x.reshape(x.shape[0], x.shape[1] // channels_per_group, -1)
+    lo = grouped.amin(dim=(0, 2), keepdim=True)
+    hi = grouped.amax(dim=(0, 2), keepdim=True)
+    span = (hi - lo).clamp_min(torch.finfo(x.dtype).tiny)
+    return (2.0 * (grouped - lo) / span - 1.0).view_as(x)
 
 
 @register_basis("kagn")
@@ -83,17 +115,292 @@ class GramBasis(Basis):
         return F.silu(torch.stack(polys, dim=2))
 
 
+@register_basis("kaln")
+class LegendreBasis(Basis):
+    """Legendre polynomials of ``x`` min-max scaled to [-1, 1] over each group.
+
+    P0 = 1, P1 = s, (n + 1) P_{n+1} = (2n + 1) s P_n - n P_{n-1}. The base branch sees ``x``
+    without activation, as in torch-conv-kan's KALN.
+    """
+
+    layer_defaults = {"base_activation": "identity"}
+
+    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
+        super().__init__()
+        self.degree = _check_degree(degree)
+        self.n_basis = degree + 1
+        self.in_channels = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = _group_minmax(x, self.in_channels)
+        polys = [torch.ones_like(s)]
+        if self.degree >= 1:
+            polys.append(s)
+        for n in range(1, self.degree):
+            polys.append(((2 * n + 1) * s * polys[-1] - n * polys[-2]) / (n + 1))
+        return torch.stack(polys, dim=2)
+
+
+@register_basis("kacn")
+class ChebyshevBasis(Basis):
+    """Chebyshev polynomials of the first kind of ``tanh(x)``: T_n(t) = cos(n arccos t).
+
+    Evaluated by the recurrence T_{n+1} = 2 t T_n - T_{n-1}, which equals torch-conv-kan's
+    arccos form on [-1, 1] and has bounded gradients at the ends. No base branch and, by
+    default, no output activation (as torch-conv-kan's KACN).
+    """
+
+    use_base = False
+    layer_defaults = {"activation": None}
+
+    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
+        super().__init__()
+        self.degree = _check_degree(degree)
+        self.n_basis = degree + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.tanh(x)
+        polys = [torch.ones_like(t)]
+        if self.degree >= 1:
+            polys.append(t)
+        for _ in range(2, self.degree + 1):
+            polys.append(2.0 * t * polys[-1] - polys[-2])
+        return torch.stack(polys, dim=2)
+
+
+@register_basis("kajn")
+class JacobiBasis(Basis):
+    """Jacobi polynomials P_n^(alpha, beta) of ``tanh(x)`` by the three-term recurrence.
+
+    The base branch sees ``x`` without activation, as in torch-conv-kan's KAJN.
+    """
+
+    layer_defaults = {"base_activation": "identity"}
+
+    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9,
+                 alpha: float = 1.0, beta: float = 1.0):
+        super().__init__()
+        self.degree = _check_degree(degree)
+        if not (alpha > -1.0 and beta > -1.0):
+            raise ValueError(f"alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
+        self.n_basis = degree + 1
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def step_coefficients(self, n: int) -> tuple[float, float, float]:
+        """(A, B, C) with P_n = (A t + B) P_{n-1} - C P_{n-2}, for n >= 2."""
+        a, b = self.alpha, self.beta
+        s = 2 * n + a + b
+        denom = 2 * n * (n + a + b) * (s - 2)
+        return (s * (s - 1) * (s - 2) / denom, (s - 1) * (a * a - b * b) / denom,
+                2 * (n + a - 1) * (n + b - 1) * s / denom)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.tanh(x)
+        polys = [torch.ones_like(t)]
+        if self.degree >= 1:
+            a, b = self.alpha, self.beta
+            polys.append(0.5 * (a - b) + 0.5 * (a + b + 2) * t)
+        for n in range(2, self.degree + 1):
+            ca, cb, cc = self.step_coefficients(n)
+            polys.append((ca * t + cb) * polys[-1] - cc * polys[-2])
+        return torch.stack(polys, dim=2)
+
+
+@register_basis("kabn")
+class BernsteinBasis(Basis):
+    """Bernstein polynomials b_{k,n}(t) = C(n, k) t^k (1 - t)^(n - k) of ``t = sigmoid(x)``.
+
+    torch-conv-kan's KABN evaluates a de Casteljau recursion seeded with ones, which makes
+    every basis function 1; this class computes the Bernstein basis it intends. The base
+    branch sees ``x`` without activation, as there.
+    """
+
+    layer_defaults = {"base_activation": "identity"}
+
+    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
+        super().__init__()
+        self.degree = _check_degree(degree)
+        self.n_basis = degree + 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.sigmoid(x)
+        s = torch.sigmoid(-x)  # 1 - t without cancellation
+        t_pows, s_pows = [torch.ones_like(t)], [torch.ones_like(t)]
+        for _ in range(self.degree):
+            t_pows.append(t_pows[-1] * t)
+            s_pows.append(s_pows[-1] * s)
+        n = self.degree
+        return torch.stack(
+            [math.comb(n, k) * t_pows[k] * s_pows[n - k] for k in range(n + 1)], dim=2
+        )
+
+
+@register_basis("fastkan")
+class GaussianRBFBasis(Basis):
+    """Gaussian radial basis exp(-((z - g_j) / h)^2) on ``grid_size`` points of ``grid_range``.
+
+    ``z`` is ``x`` instance-normalised (per sample and channel, no affine), as torch-conv-kan's
+    FastKAN normalises its input; ``h`` defaults to the grid spacing. FastKAN layers have no
+    output norm or activation by default.
+    """
+
+    layer_defaults = {"norm": "none", "activation": None}
+
+    def __init__(self, in_channels: int, kernel_numel: int = 9, grid_size: int = 8,
+                 grid_range: Sequence[float] = (-2.0, 2.0), denominator: float | None = None,
+                 eps: float = 1e-5):
+        super().__init__()
+        lo, hi = _check_grid(grid_size, grid_range, minimum=2)
+        self.n_basis = grid_size
+        self.denominator = float(denominator) if denominator else (hi - lo) / (grid_size - 1)
+        self.eps = eps
+        self.register_buffer("grid", torch.linspace(lo, hi, grid_size), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = tuple(range(2, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).square().mean(dim=dims, keepdim=True)
+        z = (x - mean) * torch.rsqrt(var + self.eps)
+        grid = self.grid.to(x.dtype).view((1, 1, -1) + (1,) * len(dims))
+        return torch.exp(-((z.unsqueeze(2) - grid) / self.denominator).square())
+
+
+@register_basis("kan")
+class BSplineBasis(Basis):
+    """B-splines of order ``spline_order`` on a uniform grid of ``grid_size`` intervals.
+
+    The knot vector extends ``grid_range`` by ``spline_order`` intervals on each side, giving
+    ``grid_size + spline_order`` basis functions (Cox-de Boor recursion). Base activation GELU
+    and output PReLU by default, as torch-conv-kan's KAN convolution.
+    """
+
+    layer_defaults = {"base_activation": "gelu", "activation": "prelu"}
+
+    def __init__(self, in_channels: int, kernel_numel: int = 9, grid_size: int = 5,
+                 spline_order: int = 3, grid_range: Sequence[float] = (-1.0, 1.0)):
+        super().__init__()
+        lo, hi = _check_grid(grid_size, grid_range)
+        self.degree = _check_degree(spline_order, "spline_order")
+        self.n_basis = grid_size + spline_order
+        h = (hi - lo) / grid_size
+        knots = torch.linspace(lo - h * spline_order, hi + h * spline_order,
+                               grid_size + 2 * spline_order + 1)
+        self.register_buffer("knots", knots, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        knots = self.knots.to(x.dtype).view((1, 1, -1) + (1,) * (x.dim() - 2))
+        xu = x.unsqueeze(2)
+        bases = ((xu >= knots[:, :, :-1]) & (xu < knots[:, :, 1:])).to(x.dtype)
+        for p in range(1, self.degree + 1):
+            left = (xu - knots[:, :, : -(p + 1)]) / (knots[:, :, p:-1] - knots[:, :, : -(p + 1)])
+            right = (knots[:, :, p + 1:] - xu) / (knots[:, :, p + 1:] - knots[:, :, 1:-p])
+            bases = left * bases[:, :, :-1] + right * bases[:, :, 1:]
+        return bases
+
+
+def _mexican_hat(z: Tensor) -> Tensor:
+    return (2.0 / (math.sqrt(3.0) * math.pi**0.25)) * (z.square() - 1.0) * torch.exp(-0.5 * z.square())
+
+
+def _morlet(z: Tensor) -> Tensor:
+    return torch.cos(5.0 * z) * torch.exp(-0.5 * z.square())
+
+
+def _dog(z: Tensor) -> Tensor:
+    return -z * torch.exp(-0.5 * z.square())
+
+
+def _meyer(z: Tensor) -> Tensor:
+    v = z.abs()
+    u = (2.0 * v - 1.0).clamp(0.0, 1.0)  # clamped so that large |z| cannot overflow
+    nu = u**4 * (35.0 - 84.0 * u + 70.0 * u.square() - 20.0 * u**3)
+    window = torch.where(v >= 1.0, torch.zeros_like(v), torch.cos(0.5 * math.pi * nu))
+    return torch.sin(math.pi * v) * window
+
+
+WAVELETS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mexican_hat": _mexican_hat, "morlet": _morlet, "dog": _dog, "meyer": _meyer,
+}
+
+
+@register_basis("wavkan")
+class WaveletBasis(Basis):
+    """``n_wavelets`` wavelets psi((x - t_cj) / s_cj) per channel with learnable scale/shift.
+
+    torch-conv-kan's WavKAN learns one (scale, translation) per (output, input) pair; here each
+    input channel has a bank of ``n_wavelets`` that every output mixes through the conv weight,
+    which keeps the one-conv core. Wavelet formulas are the same. Translations start evenly
+    spread over [-1, 1], scales at 1. Base branch SiLU, batch norm and no activation by default.
+    """
+
+    layer_defaults = {"norm": "batch", "activation": None}
+
+    def __init__(self, in_channels: int, kernel_numel: int = 9, wavelet: str = "mexican_hat",
+                 n_wavelets: int = 4):
+        super().__init__()
+        if wavelet not in WAVELETS:
+            raise ValueError(f"wavelet must be one of {sorted(WAVELETS)}, got {wavelet!r}")
+        if isinstance(n_wavelets, bool) or not isinstance(n_wavelets, int) or n_wavelets < 1:
+            raise ValueError(f"n_wavelets must be an integer >= 1, got {n_wavelets!r}")
+        self.wavelet = wavelet
+        self.n_basis = n_wavelets
+        shift = torch.linspace(-1.0, 1.0, n_wavelets) if n_wavelets > 1 else torch.zeros(1)
+        self.translation = nn.Parameter(shift.repeat(in_channels, 1))
+        self.scale = nn.Parameter(torch.ones(in_channels, n_wavelets))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shift = _channel_param(self.translation, x).to(x.dtype)
+        scale = _channel_param(self.scale, x).to(x.dtype)
+        return WAVELETS[self.wavelet]((x.unsqueeze(2) - shift) / scale)
+
+
+@register_basis("relukan")
+class ReLUBumpBasis(Basis):
+    """ReLU-KAN bumps (r * relu(x - a_j) * relu(b_j - x))^2 with per-channel phases a, b.
+
+    ``grid_size + order`` bumps; a_j = (j - order) / grid_size, b_j = a_j + (order + 1) /
+    grid_size, r = 4 grid_size^2 / (order + 1)^2 so that each bump peaks at 1 (torch-conv-kan's
+    ``g``, ``k`` and ``train_ab``).
+    """
+
+    def __init__(self, in_channels: int, kernel_numel: int = 9, grid_size: int = 5,
+                 order: int = 3, train_phases: bool = True):
+        super().__init__()
+        _check_grid(grid_size, (0.0, 1.0))
+        self.degree = _check_degree(order, "order")
+        self.n_basis = grid_size + order
+        self.scale = 4.0 * grid_size**2 / (order + 1) ** 2
+        low = torch.arange(-order, grid_size, dtype=torch.float32) / grid_size
+        self.phase_low = nn.Parameter(low.repeat(in_channels, 1), requires_grad=train_phases)
+        self.phase_high = nn.Parameter((low + (order + 1) / grid_size).repeat(in_channels, 1),
+                                       requires_grad=train_phases)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xu = x.unsqueeze(2)
+        low = _channel_param(self.phase_low, x).to(x.dtype)
+        high = _channel_param(self.phase_high, x).to(x.dtype)
+        return (self.scale * F.relu(xu - low) * F.relu(high - xu)).square()
+
+
+
+def basis_class(family: str) -> type[Basis]:
+    """The registered class of ``family``; ValueError listing the families if unknown."""
+    if family not in BASIS_REGISTRY:
+        raise ValueError(f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
+    return BASIS_REGISTRY[family]
+
+
 def create_basis(family: str, in_channels: int, kernel_numel: int, **options) -> Basis:
     """Build a registered basis family by name."""
-    if family not in BASIS_REGISTRY:
-        raise ValueError(
-            f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}"
-        )
-    cls = BASIS_REGISTRY[family]
+    cls = basis_class(family)
     try:
         return cls(in_channels=in_channels, kernel_numel=kernel_numel, **options)
     except TypeError as err:
         raise ValueError(f"invalid option for KAN family {family!r}: {err}") from None
 
 
-__all__ = ["Basis", "BASIS_REGISTRY", "register_basis", "create_basis", "GramBasis"]
+__all__ = [
+    "BASIS_REGISTRY", "WAVELETS", "Basis", "BernsteinBasis", "BSplineBasis", "ChebyshevBasis",
+    "GaussianRBFBasis", "GramBasis", "JacobiBasis", "LegendreBasis", "ReLUBumpBasis",
+    "WaveletBasis", "basis_class", "create_basis", "register_basis",
+]

@@ -185,7 +185,8 @@ class KANConv(nn.Module):
         )
 
 
-ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
+ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "prelu": nn.PReLU,
+               "identity": nn.Identity}
 
 
 def create_activation(name: str | None) -> nn.Module:
