@@ -1,0 +1,19 @@
+"""Data: dataset layouts, MONAI pipelines, loaders, synthetic BraTS, checks and conversion."""
+from .config import AugmentConfig, DataConfig
+from .datasets import build_datasets, build_loaders, make_dataset
+from .layouts import (
+    DataError,
+    LabelSpec,
+    input_channels,
+    label_spec,
+    load_cases,
+    split_cases,
+    test_cases,
+)
+from .transforms import LabelsToRegionsd, build_transforms, prediction_inverter
+
+__all__ = [
+    "AugmentConfig", "DataConfig", "DataError", "LabelSpec", "LabelsToRegionsd",
+    "build_datasets", "build_loaders", "build_transforms", "input_channels", "label_spec",
+    "load_cases", "make_dataset", "prediction_inverter", "split_cases", "test_cases",
+]
