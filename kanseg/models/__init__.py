@@ -1,0 +1,9 @@
+"""Networks built from the KAN layer core, and the model registry."""
+from . import ukanet  # noqa: F401  (registers models)
+from .registry import count_parameters, create_model, get_model_spec, list_models, register_model
+from .ukanet import UKANet
+
+__all__ = [
+    "UKANet", "count_parameters", "create_model", "get_model_spec", "list_models",
+    "register_model",
+]

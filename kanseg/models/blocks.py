@@ -1,0 +1,170 @@
+"""Network building blocks generic over 1D/2D/3D, all made of KAN convolutions.
+
+Every convolution comes from :class:`ConvFactory`, which calls
+:func:`kanseg.layers.create_kan_conv`: a network never writes a conv per family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Pool
+from torch import Tensor, nn
+
+from kanseg.layers import create_kan_conv
+from kanseg.layers.conv import create_activation
+
+BLOCK_KINDS = ("basic", "bottleneck")
+_INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+@dataclass(frozen=True)
+class ConvFactory:
+    """Builds the KAN convolutions of one network: one family, norm and option set.
+
+    ``bottleneck=True`` makes every kernel > 1 a squeeze/expand bottleneck KAN conv.
+    ``options`` holds the family options (``degree``...) and layer options (``dropout``...).
+    """
+
+    family: str
+    spatial_dims: int
+    norm: str = "instance"
+    bottleneck: bool = False
+    dim_reduction: float = 4.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, dilation: int = 1, act: bool = True) -> nn.Module:
+        """A 'same'-padded KAN conv; ``act=False`` drops the output activation (pre-residual)."""
+        options = dict(self.options)
+        if not act:
+            options["activation"] = None
+        if self.bottleneck and kernel_size > 1:
+            options.update(bottleneck=True, dim_reduction=self.dim_reduction)
+        return create_kan_conv(
+            self.family, self.spatial_dims, in_channels, out_channels, kernel_size,
+            stride=stride, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
+            norm=self.norm, **options,
+        )
+
+    def activation(self) -> nn.Module:
+        """The output activation the convs use (applied after residual additions)."""
+        return create_activation(self.options.get("activation", "silu"))
+
+
+class KANResBlock(nn.Module):
+    """Residual KAN block: ``act(body(x) + shortcut(x))``.
+
+    ``basic``: two 3x3 convs. ``bottleneck``: 1x1 squeeze to ``out/expansion``, 3x3, 1x1 expand.
+    The shortcut is a strided 1x1 KAN conv when stride or width change.
+    """
+
+    def __init__(self, conv: ConvFactory, in_channels: int, out_channels: int, stride: int = 1,
+                 kind: str = "basic", expansion: int = 4):
+        super().__init__()
+        if kind == "basic":
+            self.body = nn.Sequential(conv(in_channels, out_channels, 3, stride),
+                                      conv(out_channels, out_channels, 3, act=False))
+        elif kind == "bottleneck":
+            mid = max(out_channels // expansion, 1)
+            self.body = nn.Sequential(conv(in_channels, mid, 1), conv(mid, mid, 3, stride),
+                                      conv(mid, out_channels, 1, act=False))
+        else:
+            raise ValueError(f"block must be one of {BLOCK_KINDS}, got {kind!r}")
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = conv(in_channels, out_channels, 1, stride, act=False)
+        self.act = conv.activation()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+def res_stage(conv: ConvFactory, in_channels: int, out_channels: int, blocks: int,
+              stride: int = 1, kind: str = "basic") -> nn.Sequential:
+    """``blocks`` residual blocks; the first changes width / resolution."""
+    if blocks < 1:
+        raise ValueError(f"blocks per stage must be >= 1, got {blocks!r}")
+    layers = [KANResBlock(conv, in_channels, out_channels, stride, kind)]
+    layers += [KANResBlock(conv, out_channels, out_channels, 1, kind) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def resize_to(x: Tensor, like: Tensor) -> Tensor:
+    """Linearly interpolate ``x`` to the spatial size of ``like`` (no-op when equal)."""
+    if x.shape[2:] == like.shape[2:]:
+        return x
+    mode = _INTERP[x.dim() - 2]
+    return F.interpolate(x, size=like.shape[2:], mode=mode, align_corners=False)
+
+
+class RSUBlock(nn.Module):
+    """U^2-Net residual U-block ``RSU-height`` made of KAN convs.
+
+    An input conv, then a small U-Net of ``height`` levels (max-pooling between levels, a
+    dilated bottom conv), decoded with skip concatenation and added to the input conv's output.
+    ``dilated=True`` gives the ``RSU-4F`` form: no pooling, dilations 1, 2, 4, ... instead.
+    """
+
+    def __init__(self, conv: ConvFactory, in_channels: int, mid_channels: int, out_channels: int,
+                 height: int, dilated: bool = False):
+        super().__init__()
+        if height < 2:
+            raise ValueError(f"RSU height must be >= 2, got {height!r}")
+        self.dilated = dilated
+        dil = [2**i if dilated else 1 for i in range(height - 1)]
+        self.conv_in = conv(in_channels, out_channels, 3)
+        self.encoder = nn.ModuleList(
+            [conv(out_channels if i == 0 else mid_channels, mid_channels, 3, dilation=d)
+             for i, d in enumerate(dil)]
+        )
+        self.bottom = conv(mid_channels, mid_channels, 3, dilation=2 ** (height - 1) if dilated else 2)
+        self.decoder = nn.ModuleList(
+            [conv(2 * mid_channels, out_channels if i == 0 else mid_channels, 3, dilation=d)
+             for i, d in enumerate(dil)][::-1]
+        )
+        self.pool = Pool[Pool.MAX, conv.spatial_dims](kernel_size=2, stride=2, ceil_mode=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_in = self.conv_in(x)
+        h, skips = x_in, []
+        for i, layer in enumerate(self.encoder):
+            if i > 0 and not self.dilated:
+                h = self.pool(h)
+            h = layer(h)
+            skips.append(h)
+        h = self.bottom(h)
+        for layer, skip in zip(self.decoder, reversed(skips)):
+            h = layer(torch.cat([resize_to(h, skip), skip], dim=1))
+        return h + x_in
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, ...]]:
+    """Zero-pad the spatial dims of ``x`` at their end to a multiple of ``multiple``.
+
+    Returns the padded tensor and the original spatial size (for :func:`crop_to`).
+    """
+    size = tuple(x.shape[2:])
+    extra = [(-s) % multiple for s in size]
+    if not any(extra):
+        return x, size
+    pad: list[int] = []
+    for e in reversed(extra):
+        pad += [0, e]
+    return F.pad(x, pad), size
+
+
+def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Crop the spatial dims of ``x`` to ``size`` (from the start)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+
+
+__all__ = [
+    "BLOCK_KINDS", "ConvFactory", "KANResBlock", "RSUBlock", "crop_to", "pad_to_multiple",
+    "res_stage", "resize_to",
+]

@@ -1,0 +1,109 @@
+"""Model registry in the style of timm: ``register_model`` + ``create_model(name, **kwargs)``."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kanseg.layers import BASIS_REGISTRY
+
+#: layer options every KAN family accepts (see ``kanseg.layers.create_kan_conv``)
+CONV_OPTIONS = ("activation", "base_activation", "dropout", "affine", "recompute")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered network: how to build it and what it is."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    dims: tuple[int, ...]
+    task: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module] | None = None, *,
+                   dims: tuple[int, ...] = (2, 3), task: str = "segmentation",
+                   description: str = "", **defaults: Any):
+    """Register ``builder`` (a class or function) under ``name``.
+
+    Use as ``register_model("name", Builder, depth=18)`` or as a decorator
+    ``@register_model("name")``. ``defaults`` are keyword arguments applied before the user's.
+    """
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
+        _MODELS[name] = ModelSpec(name, fn, tuple(dims), task, dict(defaults), doc)
+        return fn
+
+    return wrap(builder) if builder is not None else wrap
+
+
+def list_models() -> list[str]:
+    """Sorted names of all registered models."""
+    return sorted(_MODELS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` registered under ``name`` (ValueError naming the choices if unknown)."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def family_option_names(family: str) -> set[str]:
+    """Keyword options accepted by KAN ``family`` (basis options plus layer options)."""
+    if family not in BASIS_REGISTRY:
+        raise ValueError(f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
+    params = inspect.signature(BASIS_REGISTRY[family].__init__).parameters
+    names = {p for p in params if p not in ("self", "in_channels", "kernel_numel")}
+    return names | set(CONV_OPTIONS)
+
+
+def _check_kwargs(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
+    params = inspect.signature(spec.builder).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    allowed = set(named)
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        family = kwargs.get("family", params["family"].default if "family" in params else "kagn")
+        allowed |= family_option_names(family)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {unknown} for model {spec.name!r}; accepted: {sorted(allowed)}"
+        )
+    if "spatial_dims" in kwargs and kwargs["spatial_dims"] not in spec.dims:
+        raise ValueError(
+            f"model {spec.name!r} supports spatial_dims in {spec.dims}, "
+            f"got {kwargs['spatial_dims']!r}"
+        )
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` with ``kwargs`` over its registered defaults."""
+    spec = get_model_spec(name)
+    merged = {**spec.defaults, **kwargs}
+    _check_kwargs(spec, merged)
+    return spec.builder(**merged)
+
+
+def count_parameters(name: str, **kwargs: Any) -> int:
+    """Parameter count of ``create_model(name, **kwargs)``, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ModelSpec", "count_parameters", "create_model", "family_option_names", "get_model_spec",
+    "list_models", "register_model",
+]

@@ -1,0 +1,119 @@
+"""UKANet: a U-Net of residual KAN blocks, generic over 1D/2D/3D."""
+from __future__ import annotations
+
+import torch
+from monai.networks.layers.factories import Conv
+from torch import Tensor, nn
+
+from kanseg.layers import create_norm
+
+from .blocks import BLOCK_KINDS, ConvFactory, crop_to, pad_to_multiple, res_stage
+from .registry import register_model
+
+
+class UKANet(nn.Module):
+    """U-Net with residual KAN blocks in encoder and decoder.
+
+    Stage ``i`` has ``width * width_scale * 2**i`` channels; ``depth`` stride-2 stages follow the
+    full-resolution one, so inputs are zero-padded to a multiple of ``2**depth`` and the output is
+    cropped back. With ``deep_supervision``, training-mode forward returns a list of logits
+    ``[full-res, 1/2, 1/4, ...]`` (``supervision_levels`` in all); eval mode returns the tensor.
+    ``plain_stem`` replaces the first KAN conv by a plain conv + norm + activation.
+    ``bottleneck_convs`` uses squeeze/expand bottleneck KAN convs for every 3x3 conv.
+    ``family_options`` go to every KAN conv (``degree``, ``dropout``, ``recompute``...).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        family: str = "kagn",
+        depth: int = 4,
+        width: int = 16,
+        width_scale: float = 1.0,
+        blocks_per_stage: int = 1,
+        block: str = "basic",
+        norm: str = "instance",
+        deep_supervision: bool = False,
+        supervision_levels: int = 3,
+        plain_stem: bool = False,
+        bottleneck_convs: bool = False,
+        **family_options,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth!r}")
+        if block not in BLOCK_KINDS:
+            raise ValueError(f"block must be one of {BLOCK_KINDS}, got {block!r}")
+        base = round(width * width_scale)
+        if base < 1:
+            raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
+        if deep_supervision and not 2 <= supervision_levels <= depth + 1:
+            raise ValueError(
+                f"supervision_levels must be in [2, depth + 1 = {depth + 1}], "
+                f"got {supervision_levels!r}"
+            )
+        self.spatial_dims = spatial_dims
+        self.depth = depth
+        self.deep_supervision = deep_supervision
+        self.supervision_levels = supervision_levels if deep_supervision else 1
+        channels = [base * 2**i for i in range(depth + 1)]
+        conv = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
+
+        if plain_stem:
+            self.stem: nn.Module = nn.Sequential(
+                Conv[Conv.CONV, spatial_dims](in_channels, channels[0], 3, padding=1, bias=False),
+                create_norm(norm, spatial_dims, channels[0]),
+                conv.activation(),
+            )
+        else:
+            self.stem = conv(in_channels, channels[0], 3)
+        self.encoder = nn.ModuleList(
+            [res_stage(conv, channels[max(i - 1, 0)], channels[i], blocks_per_stage,
+                       stride=1 if i == 0 else 2, kind=block) for i in range(depth + 1)]
+        )
+        up_conv = Conv[Conv.CONVTRANS, spatial_dims]
+        self.up = nn.ModuleList(
+            [up_conv(channels[i + 1], channels[i], 2, stride=2, bias=False) for i in range(depth)]
+        )
+        self.decoder = nn.ModuleList(
+            [res_stage(conv, 2 * channels[i], channels[i], blocks_per_stage, kind=block)
+             for i in range(depth)]
+        )
+        head = Conv[Conv.CONV, spatial_dims]
+        self.heads = nn.ModuleList(
+            [head(channels[i], out_channels, 1) for i in range(self.supervision_levels)]
+        )
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if x.dim() != self.spatial_dims + 2:
+            raise ValueError(
+                f"UKANet({self.spatial_dims}D) expects input (B, C, {self.spatial_dims} spatial "
+                f"dims), got shape {tuple(x.shape)}"
+            )
+        x, size = pad_to_multiple(x, 2**self.depth)
+        h = self.stem(x)
+        skips = []
+        for stage in self.encoder:
+            h = stage(h)
+            skips.append(h)
+        h = skips.pop()
+        decoded: list[Tensor] = []
+        for level in reversed(range(self.depth)):
+            h = self.up[level](h)
+            h = self.decoder[level](torch.cat([h, skips[level]], dim=1))
+            decoded.append(h)
+        decoded.reverse()  # decoded[level] has resolution 1 / 2**level
+        logits = crop_to(self.heads[0](decoded[0]), size)
+        if not (self.training and self.deep_supervision):
+            return logits
+        outputs = [logits]
+        for level in range(1, self.supervision_levels):
+            coarse = [-(-s // 2**level) for s in size]
+            outputs.append(crop_to(self.heads[level](decoded[level]), coarse))
+        return outputs
+
+
+register_model("ukanet", UKANet, dims=(1, 2, 3),
+               description="U-Net of residual KAN blocks, deep supervision optional")
