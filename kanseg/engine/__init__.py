@@ -1,0 +1,1 @@
+"""Training engine: the Accelerate trainer, checkpoints, losses, schedules."""

@@ -1,0 +1,65 @@
+"""Typed config sections of the trainer and the loss (validated by :mod:`kanseg.schema`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class TrainerConfig:
+    """How to optimise: budget, optimiser, schedule, precision, checkpoints and logging."""
+
+    max_epochs: int = 100
+    max_minutes: Optional[float] = None
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    warmup_steps: Optional[int] = None
+    schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema: Optional[float] = None
+    seed: int = 0
+    deterministic: bool = False
+    val_every: int = 1
+    ckpt_every_steps: Optional[int] = None
+    keep_last: int = 2
+    monitor: str = "dice_mean"
+    monitor_mode: Literal["max", "min"] = "max"
+    nan_max_consecutive: int = 10
+    log_every: int = 10
+    wandb: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_epochs", "grad_accum", "val_every", "keep_last", "nan_max_consecutive",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1) or null, got {self.ema}")
+        if self.ckpt_every_steps is not None and self.ckpt_every_steps < 1:
+            raise ValueError(f"ckpt_every_steps must be >= 1 or null, got {self.ckpt_every_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LossConfig:
+    """Segmentation loss; ``activation: auto`` is sigmoid for dice_bce, softmax for dice_ce and
+    follows the label mode (overlapping regions -> sigmoid) for the focal losses."""
+
+    name: Literal["dice_ce", "dice_bce", "focal", "dice_focal"] = "dice_ce"
+    activation: Literal["auto", "sigmoid", "softmax"] = "auto"
+    include_background: bool = True
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    gamma: float = 2.0
+    deep_supervision_weights: Optional[list[float]] = None
