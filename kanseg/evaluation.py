@@ -1,0 +1,301 @@
+"""Evaluate predicted label maps against ground truth: Dice and HD95 per class and region.
+
+Predictions ``PRED/<case>.nii.gz`` are paired with ground truth by case id (a folder of
+``<case>.nii.gz`` files, or a dataset root in a known layout). Metrics are MONAI's
+``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)`` with the voxel spacing of the
+label file's header (so HD95 is in mm). Missing files, unreadable files and grid mismatches
+are recorded per case instead of stopping the evaluation.
+
+Empty masks follow the BraTS convention: both empty -> Dice 1, HD95 0; only one empty ->
+Dice 0, HD95 undefined (NaN, left out of the summary).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from kanseg.data.config import BRATS_LAYOUTS, DataConfig
+from kanseg.data.layouts import BRATS_CLASSES, BRATS_REGIONS, NIFTI_SUFFIXES, label_spec, load_cases
+
+CSV_COLUMNS = ("case", "label", "dice", "hd95", "gt_voxels", "pred_voxels", "status",
+               "pred_file", "label_file")
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class EvalLabel:
+    """A named binary mask: voxels whose raw label value is in ``values``."""
+
+    name: str
+    values: tuple[int, ...]
+
+
+@dataclass
+class CasePair:
+    """Files of one case; ``None`` where the prediction or the label is missing."""
+
+    case: str
+    pred: Path | None
+    label: Path | None
+    image: Path | None = None
+
+
+# ----------------------------------------------------------------------------- what to score
+def labels_for(data_cfg: DataConfig | None = None, layout: str | None = None) -> list[EvalLabel]:
+    """Classes (non-background) and, for region configs / BraTS layouts, the regions.
+
+    A class whose value set equals a region's (BraTS ET) is reported once, as the region.
+    Without a config or a BraTS layout the classes are found per case (see :func:`evaluate`).
+    """
+    if data_cfg is not None:
+        spec = label_spec(data_cfg)
+        if spec.mode == "classes":
+            return [EvalLabel(n, v) for n, v in zip(spec.names, spec.values) if v != (0,)]
+        regions = [EvalLabel(n, tuple(v)) for n, v in zip(spec.names, spec.values)]
+        classes = list(BRATS_CLASSES.get(data_cfg.layout, ()))
+    elif layout in BRATS_LAYOUTS:
+        regions = [EvalLabel(n, tuple(v)) for n, v in BRATS_REGIONS[layout].items()]
+        classes = list(BRATS_CLASSES[layout])
+    else:
+        return []
+    region_sets = {r.values for r in regions}
+    return [EvalLabel(n, (v,)) for n, v in classes if v != 0 and (v,) not in region_sets] \
+        + regions
+
+
+# ----------------------------------------------------------------------------- pairing
+def _case_id(path: Path) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    files = {}
+    for f in sorted(folder.iterdir()):
+        cid = _case_id(f)
+        if f.is_file() and cid is not None and not f.name.startswith("."):
+            files[cid] = f
+    return files
+
+
+def pair_cases(pred_dir: str | Path, label: str | Path, layout: str | None = None,
+               data_cfg: DataConfig | None = None) -> list[CasePair]:
+    """Pair ``pred_dir/<case>.nii.gz`` with the labels of folder ``label`` (same file names)
+    or, with ``layout``, with the cases of the dataset root ``label`` (images too)."""
+    pred_dir, label = Path(pred_dir).expanduser(), Path(label).expanduser()
+    if not pred_dir.is_dir():
+        raise ValueError(f"--pred {str(pred_dir)!r} is not a folder of predictions")
+    if not label.is_dir():
+        raise ValueError(f"--label {str(label)!r} is not a folder")
+    preds = _nifti_files(pred_dir)
+    if layout is not None:
+        cfg = DataConfig(root=str(label), layout=layout) if data_cfg is None else \
+            dataclasses.replace(data_cfg, root=str(label), layout=layout)
+        labels, images = {}, {}
+        for c in load_cases(cfg):
+            if "label" in c:
+                labels[c["id"]] = Path(c["label"])
+                first = c["image"][0] if isinstance(c["image"], list) else c["image"]
+                images[c["id"]] = Path(first)
+    else:
+        labels, images = _nifti_files(label), {}
+    ids = sorted(set(preds) | set(labels))
+    return [CasePair(i, preds.get(i), labels.get(i), images.get(i)) for i in ids]
+
+
+# ----------------------------------------------------------------------------- metrics
+def mask_metrics(pred: np.ndarray, label: np.ndarray, labels: Sequence[EvalLabel],
+                 spacing: Sequence[float]) -> list[dict[str, Any]]:
+    """Dice and HD95 (in the units of ``spacing``) of each label's mask in two label maps."""
+    if not labels:
+        return []
+    p = np.stack([np.isin(pred, lb.values) for lb in labels])[None]
+    g = np.stack([np.isin(label, lb.values) for lb in labels])[None]
+    p_t, g_t = torch.from_numpy(p).float(), torch.from_numpy(g).float()
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p_t, g_t)
+    both = p.reshape(len(labels), -1).any(1) & g.reshape(len(labels), -1).any(1)
+    hd = np.full(len(labels), np.nan)
+    if both.any():  # MONAI's HD is undefined (and warns) for empty masks
+        metric = HausdorffDistanceMetric(include_background=True, percentile=95,
+                                         reduction="none")
+        with warnings.catch_warnings():  # MONAI-internal deprecation notice
+            warnings.simplefilter("ignore", FutureWarning)
+            hd[both] = metric(p_t[:, both], g_t[:, both], spacing=list(spacing))[0].numpy()
+    rows = []
+    for i, lb in enumerate(labels):
+        n_gt, n_pred = int(g[0, i].sum()), int(p[0, i].sum())
+        hd95 = 0.0 if n_gt == 0 and n_pred == 0 else float(hd[i])
+        status = OK if n_gt and n_pred or not (n_gt or n_pred) else \
+            ("empty prediction" if n_gt else "empty ground truth")
+        rows.append({"label": lb.name, "dice": float(dice[0, i]), "hd95": hd95,
+                     "gt_voxels": n_gt, "pred_voxels": n_pred, "status": status})
+    return rows
+
+
+def _as_labels(img: Any, path: Path) -> np.ndarray:
+    data = np.asanyarray(img.dataobj)
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.allclose(rounded, data):
+            raise ValueError(f"{path} is not a label map (non-integer values)")
+        data = rounded
+    return data.astype(np.int64)
+
+
+def _geometry_problem(pred: Any, label: Any, atol: float = 1e-3) -> str | None:
+    if pred.shape != label.shape:
+        return f"shape mismatch: prediction {pred.shape} vs label {label.shape}"
+    if not np.allclose(pred.affine, label.affine, atol=atol):
+        return "affine mismatch: prediction and label are on different grids"
+    return None
+
+
+def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel]) -> list[dict]:
+    """Rows for one case: one per label, or a single row naming the problem."""
+    base = {"case": pair.case, "pred_file": str(pair.pred or ""),
+            "label_file": str(pair.label or "")}
+    if pair.pred is None or pair.label is None:
+        status = "missing prediction" if pair.pred is None else "missing label"
+        return [{**base, "label": "", "status": status}]
+    try:
+        pred_img, label_img = nib.load(str(pair.pred)), nib.load(str(pair.label))
+        problem = _geometry_problem(pred_img, label_img)
+        if problem:
+            return [{**base, "label": "", "status": problem}]
+        pred, label = _as_labels(pred_img, pair.pred), _as_labels(label_img, pair.label)
+    except Exception as err:  # unreadable / corrupt files are reported, not raised
+        return [{**base, "label": "", "status": f"unreadable: {err}"}]
+    case_labels = list(labels) or [
+        EvalLabel(str(v), (v,)) for v in sorted((set(np.unique(label)) | set(np.unique(pred)))
+                                                 - {0})]
+    spacing = [float(z) for z in label_img.header.get_zooms()[: label.ndim]]
+    return [{**base, **r} for r in mask_metrics(pred, label, case_labels, spacing)]
+
+
+# ----------------------------------------------------------------------------- outputs
+def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not len(v):
+        return {"mean": None, "std": None, "median": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
+            "n": int(len(v))}
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, Any]:
+    """Per-label mean/std/median of Dice and HD95, case-level problems and the case ranking."""
+    scored = [r for r in rows if r.get("label")]
+    names = list(dict.fromkeys(r["label"] for r in scored))
+    per_label = {n: {m: _stats(r[m] for r in scored if r["label"] == n) for m in ("dice", "hd95")}
+                 for n in names}
+    case_dice: dict[str, list[float]] = {}
+    for r in scored:
+        case_dice.setdefault(r["case"], []).append(r["dice"])
+    ranking = sorted((float(np.mean(d)), c) for c, d in case_dice.items())
+    problems = [{"case": r["case"], "status": r["status"]} for r in rows if not r.get("label")]
+    return {
+        "cases_scored": len(case_dice),
+        "labels": per_label,
+        "mean_dice": _stats(r["dice"] for r in scored)["mean"],
+        "case_mean_dice": {c: d for d, c in ranking},
+        "problems": problems,
+    }
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    """``metrics.csv``: one row per case x label (problem rows have an empty label)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in CSV_COLUMNS})
+    _atomic_text(path, buf.getvalue())
+
+
+def _overlay_image(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    except Exception:
+        return None
+    if data.ndim == len(shape) + 1:  # 4D multi-channel image: first channel
+        data = data[..., 0]
+    return data if data.shape == shape else None
+
+
+def write_plots(rows: Sequence[dict], pairs: dict[str, CasePair], summary: dict, output: Path,
+                n_cases: int = 3) -> list[Path]:
+    """Box plot of Dice/HD95 per label and overlays of the ``n_cases`` worst and best cases."""
+    from kanseg import plots
+
+    scored = [r for r in rows if r.get("label")]
+    if not scored:
+        return []
+    names = list(summary["labels"])
+    values = {m: {n: [r[m] for r in scored if r["label"] == n] for n in names}
+              for m in ("dice", "hd95")}
+    written = [plots.box_plot(values, output / "boxplot.png", title="per-case metrics")]
+    ranked = list(summary["case_mean_dice"].items())  # ascending mean Dice
+    k = min(n_cases, max(1, len(ranked) // 2))
+    worst, best = ranked[:k], ranked[k:][::-1][:k]
+    for kind, cases in (("worst", worst), ("best", best)):
+        for rank, (case, dice) in enumerate(cases, 1):
+            pair = pairs[case]
+            label = _as_labels(nib.load(str(pair.label)), pair.label)
+            pred = _as_labels(nib.load(str(pair.pred)), pair.pred)
+            written.append(plots.overlay_plot(
+                label, pred, output / "overlays" / f"{kind}{rank}_{case}.png",
+                image=_overlay_image(pair.image, label.shape),
+                title=f"{case}: mean Dice {dice:.3f}"))
+    return written
+
+
+def evaluate(pred_dir: str | Path, label: str | Path, output: str | Path,
+             layout: str | None = None, data_cfg: DataConfig | None = None,
+             plots: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Score every case and write ``metrics.csv``, ``summary.json`` and PNGs into ``output``.
+
+    ``layout`` reads ``label`` as a dataset root of that layout (else a folder of label
+    files); ``data_cfg`` (a run's data section) names the classes / regions to score.
+    Cases are read one at a time. Returns the summary.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    pairs = pair_cases(pred_dir, label, layout, data_cfg)
+    if not pairs:
+        raise ValueError(f"no NIfTI predictions in {pred_dir} and no labels in {label}")
+    output.mkdir(parents=True, exist_ok=True)
+    labels = labels_for(data_cfg, layout)
+    rows: list[dict] = []
+    for pair in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):
+        rows += evaluate_pair(pair, labels)
+    summary = summarize(rows)
+    write_csv(rows, output / "metrics.csv")
+    if plots:
+        write_plots(rows, {p.case: p for p in pairs}, summary, output)
+    _atomic_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,349 @@
+"""Sliding-window inference: checkpoint -> per-case NIfTI predictions in the input's geometry.
+
+One case at a time: the run's ``infer`` MONAI pipeline (load, orientation, spacing, crop,
+normalisation) prepares the image, MONAI's ``SlidingWindowInferer`` predicts (optionally
+averaged over flips), ``Invertd`` maps the probabilities back through the inverse of the
+spatial preprocessing, and the result is written with the input file's own NIfTI header, so
+shape, affine, qform/sform and orientation match the input exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from torch import nn
+
+from kanseg.data.layouts import (
+    BRATS_LAYOUTS, IMAGE_SUFFIXES_2D, NIFTI_SUFFIXES, LabelSpec, brats_cases, label_spec,
+    load_cases, test_cases,
+)
+
+CHECKPOINT_DIRS = ("checkpoints/best", "checkpoints/last")
+WEIGHTS_FILE = "model.safetensors"
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES_2D
+
+
+class InferenceError(ValueError):
+    """A checkpoint, config or input case is unusable; the message names the file."""
+
+
+@dataclass
+class InferenceSettings:
+    """Resolved sliding-window settings (the run's ``inference`` section plus CLI overrides)."""
+
+    roi_size: tuple[int, ...]
+    overlap: float = 0.5
+    mode: str = "gaussian"
+    sw_batch_size: int = 1
+    tta_flips: bool = False
+    save_probabilities: bool = False
+    threshold: float = 0.5
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise InferenceError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.mode not in ("gaussian", "constant"):
+            raise InferenceError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}")
+        if self.sw_batch_size < 1 or min(self.roi_size) < 1:
+            raise InferenceError(f"sw_batch_size and roi_size must be positive, got "
+                                 f"{self.sw_batch_size} and {list(self.roi_size)}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def settings_from_config(cfg: Any, **overrides: Any) -> InferenceSettings:
+    """Settings from a run config's ``inference`` section (``roi_size`` null -> the
+    training ``data.patch_size``), with non-``None`` ``overrides`` applied on top."""
+    section = cfg.inference
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(InferenceSettings)
+              if hasattr(section, f.name)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    roi = values.get("roi_size") or cfg.data.patch_size
+    if len(roi) != cfg.data.spatial_dims:
+        raise InferenceError(f"roi_size must have {cfg.data.spatial_dims} values for "
+                             f"spatial_dims={cfg.data.spatial_dims}, got {list(roi)}")
+    values["roi_size"] = tuple(int(r) for r in roi)
+    return InferenceSettings(**values)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def find_checkpoint(checkpoint: str | Path, config: str | Path | None = None) -> tuple[Path, Path]:
+    """``(weights file, config.yaml)`` of a run folder (best, else last) or a weights file.
+
+    For a weights file the config is ``config`` or the nearest ``config.yaml`` in an
+    ancestor folder.
+    """
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        candidates = [path / d / WEIGHTS_FILE for d in CHECKPOINT_DIRS]
+        weights = next((c for c in candidates if c.is_file()), None)
+        if weights is None:
+            raise InferenceError(f"run folder {path} has no {candidates[0].relative_to(path)} "
+                                 f"or {candidates[1].relative_to(path)}")
+    elif path.is_file():
+        weights = path
+    else:
+        raise InferenceError(f"checkpoint {str(path)!r} does not exist (expected a run folder "
+                             f"or a {WEIGHTS_FILE} file)")
+    if config is not None:
+        cfg_path = Path(config).expanduser()
+        if not cfg_path.is_file():
+            raise InferenceError(f"config {str(cfg_path)!r} does not exist")
+        return weights, cfg_path
+    for folder in weights.resolve().parents:
+        if (folder / "config.yaml").is_file():
+            return weights, folder / "config.yaml"
+    raise InferenceError(f"no config.yaml found in any folder above {weights}; pass --config")
+
+
+def build_model(cfg: Any) -> nn.Module:
+    """The network described by the config's ``model`` section (random weights)."""
+    from kanseg.models import create_model
+
+    options = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
+    return create_model(cfg.model.name, **options)
+
+
+def load_model(weights: str | Path, cfg: Any) -> nn.Module:
+    """Build the config's model and load ``weights`` (safetensors) into it, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = build_model(cfg)
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as err:
+        raise InferenceError(f"cannot read weights {weights}: {err}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise InferenceError(f"weights {weights} do not fit model {cfg.model.name!r} of the "
+                             f"config: {str(err).splitlines()[0]} ...") from None
+    return model.eval()
+
+
+def load_run(checkpoint: str | Path, config: str | Path | None = None,
+             overrides: Sequence[str] = ()) -> tuple[Any, nn.Module]:
+    """``(config, model with weights)`` from a run folder or a weights file."""
+    from kanseg.config import load_config
+
+    weights, cfg_path = find_checkpoint(checkpoint, config)
+    cfg = load_config(cfg_path, list(overrides))
+    return cfg, load_model(weights, cfg)
+
+
+# ----------------------------------------------------------------------------- prediction
+class Predictor:
+    """Sliding-window (optionally flip-averaged) class/region probabilities for one image."""
+
+    def __init__(self, model: nn.Module, spec: LabelSpec, settings: InferenceSettings) -> None:
+        self.device = settings.torch_device
+        self.model = model.to(self.device).eval()
+        self.spec = spec
+        self.settings = settings
+        # windows run on `device`; the full-size output is stitched on the CPU, so a large
+        # volume never needs to fit in accelerator memory.
+        self.inferer = SlidingWindowInferer(
+            roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size,
+            overlap=settings.overlap, mode=settings.mode, sw_device=self.device, device="cpu",
+        )
+
+    def _flips(self, spatial_dims: int) -> Iterator[tuple[int, ...]]:
+        """Spatial axes (of a batch tensor) to flip: none, then every non-empty subset."""
+        yield ()
+        if self.settings.tta_flips:
+            axes = range(2, 2 + spatial_dims)
+            for n in range(1, spatial_dims + 1):
+                yield from itertools.combinations(axes, n)
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.spec.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)
+
+    @torch.inference_mode()
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(K, *S)`` on the CPU for an image ``(C, *S)``."""
+        batch = image.as_tensor() if isinstance(image, MetaTensor) else image
+        batch = batch.unsqueeze(0).float()
+        total = None
+        flips = list(self._flips(batch.ndim - 2))
+        for axes in flips:
+            x = batch.flip(axes) if axes else batch
+            logits = self.inferer(x, self.model)
+            if isinstance(logits, (tuple, list)):  # deep supervision: full-resolution head
+                logits = logits[0]
+            probs = self._activate(logits.float())
+            probs = probs.flip(axes) if axes else probs
+            total = probs if total is None else total + probs
+        return (total / len(flips))[0]
+
+
+def probabilities_to_labels(probs: torch.Tensor, spec: LabelSpec,
+                            threshold: float = 0.5) -> np.ndarray:
+    """Probabilities ``(K, *S)`` -> raw integer label map ``(*S)`` in the dataset's values.
+
+    Softmax classes: argmax mapped to the raw value of each class. Sigmoid regions: regions
+    are painted from the largest (most raw values) to the smallest, each with the raw value
+    it holds that no smaller region holds; BraTS 2021 TC/WT/ET gives WT->2, TC->1, ET->4.
+    """
+    if probs.shape[0] != spec.out_channels:
+        raise InferenceError(f"model output has {probs.shape[0]} channels but the label spec "
+                             f"{list(spec.names)} needs {spec.out_channels}")
+    values = spec.values
+    dtype = np.uint8 if max(max(v) for v in values) < 256 else np.int16
+    if spec.activation == "softmax":
+        raw = torch.as_tensor([v[0] for v in values])
+        return raw[probs.argmax(0)].numpy().astype(dtype)
+    out = np.zeros(probs.shape[1:], dtype=dtype)
+    order = sorted(range(len(values)), key=lambda i: -len(values[i]))
+    for rank, i in enumerate(order):
+        smaller = {v for j in order[rank + 1:] for v in values[j]}
+        own = sorted(set(values[i]) - smaller) or sorted(values[i])
+        out[(probs[i] > threshold).numpy()] = own[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- cases and I/O
+def case_id(path: str | Path) -> str:
+    """File name without its image extension (``.nii.gz``, ``.nii``, ``.png`` ...)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None) -> list[dict]:
+    """Cases ``{"id", "image"}`` to predict from a file, a BraTS case folder, a folder of image
+    files, or (with ``layout``) a dataset root in that layout (every case it lists)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [{"id": case_id(path), "image": str(path.resolve())}]
+    if not path.is_dir():
+        raise InferenceError(f"input {str(path)!r} does not exist")
+    if layout is not None:
+        cfg = dataclasses.replace(data_cfg, root=str(path), layout=layout)
+        by_id = {c["id"]: c for c in load_cases(cfg) + test_cases(cfg)}
+        cases = list(by_id.values())
+    elif data_cfg.layout in BRATS_LAYOUTS:
+        if any(f.name.endswith(NIFTI_SUFFIXES) for f in path.iterdir()):  # one case folder
+            cases = [c for c in brats_cases(path.parent, data_cfg.layout, data_cfg.modalities)
+                     if c["id"] == path.name]
+        else:
+            cases = brats_cases(path, data_cfg.layout, data_cfg.modalities)
+    else:
+        cases = [{"id": case_id(f), "image": str(f.resolve())} for f in sorted(path.iterdir())
+                 if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
+    if not cases:
+        raise InferenceError(f"input folder {path} holds no cases"
+                             + (f" of layout {layout!r}" if layout else ""))
+    for case in cases:
+        files = case["image"] if isinstance(case["image"], list) else [case["image"]]
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise InferenceError(f"case {case['id']}: image file {missing[0]} does not exist")
+    return [{"id": c["id"], "image": c["image"]} for c in cases]
+
+
+def _first_file(image: str | list[str]) -> str:
+    return image[0] if isinstance(image, list) else image
+
+
+def write_like(array: np.ndarray, reference: str | Path, path: str | Path,
+               affine: np.ndarray | None = None) -> Path:
+    """Write ``array`` (spatial dims first, optional trailing channel dim) as NIfTI at
+    ``path``, atomically, reusing the NIfTI header of ``reference`` (orientation, qform/sform,
+    voxel sizes, units). Non-NIfTI references use ``affine`` instead."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if str(reference).lower().endswith(NIFTI_SUFFIXES):
+        ref = nib.load(str(reference))
+        header = ref.header.copy()
+        header.set_data_dtype(array.dtype)
+        header.set_slope_inter(1.0, 0.0)
+        img = type(ref)(array, None, header)  # affine None: keep qform/sform from the header
+    else:
+        img = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
+        img.set_data_dtype(array.dtype)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# ----------------------------------------------------------------------------- driver
+def predict_case(case: dict, transform: Any, inverter: Any,
+                 predictor: Predictor) -> tuple[torch.Tensor, np.ndarray]:
+    """Probabilities ``(K, *S)`` of one case on the grid of its (first) input file, and that
+    file's affine."""
+    files = case["image"]
+    try:
+        data = transform({"image": files})
+    except Exception as err:  # MONAI wraps reader errors in RuntimeError with a long chain
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise InferenceError(f"case {case['id']}: cannot load/preprocess {files}: {cause}") \
+            from None
+    image = data["image"]
+    try:
+        probs = predictor(image)
+    except (RuntimeError, ValueError) as err:  # e.g. a channel count the model does not take
+        raise InferenceError(f"case {case['id']} ({_first_file(files)}): the model failed on "
+                             f"an input of shape {tuple(image.shape)}: "
+                             f"{str(err).splitlines()[0]}") from None
+    data["pred"] = MetaTensor(probs, meta=image.meta)
+    probs = inverter(data)["pred"].as_tensor()
+    expected = tuple(int(s) for s in image.meta["spatial_shape"])
+    if tuple(probs.shape[1:]) != expected:
+        raise InferenceError(f"case {case['id']}: inverted prediction has shape "
+                             f"{tuple(probs.shape[1:])}, input has {expected}")
+    if predictor.spec.activation == "softmax":  # crop padding: background where nothing else
+        probs[0] = 1.0 - probs[1:].sum(0)
+    return probs, np.asarray(image.meta["original_affine"], dtype=np.float64)
+
+
+def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str | Path,
+                  settings: InferenceSettings, progress: bool = True) -> list[Path]:
+    """Predict every case, writing ``output/<id>.nii.gz`` (and with ``save_probabilities``
+    ``output/probabilities/<id>.nii.gz``, channels last). Returns the label-map paths."""
+    from tqdm.auto import tqdm
+
+    from kanseg.data.transforms import build_transforms, prediction_inverter
+
+    spec = label_spec(cfg.data)
+    transform = build_transforms(cfg.data, "infer")
+    inverter = prediction_inverter(transform, nearest=False)
+    predictor = Predictor(model, spec, settings)
+    output = Path(output)
+    written = []
+    cases = list(cases)
+    for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
+        probs, affine = predict_case(case, transform, inverter, predictor)
+        reference = _first_file(case["image"])
+        labels = probabilities_to_labels(probs, spec, settings.threshold)
+        written.append(write_like(labels, reference, output / f"{case['id']}.nii.gz", affine))
+        if settings.save_probabilities:
+            channels_last = np.moveaxis(probs.numpy().astype(np.float32), 0, -1)
+            write_like(channels_last, reference,
+                       output / "probabilities" / f"{case['id']}.nii.gz", affine)
+    return written

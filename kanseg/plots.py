@@ -1,0 +1,130 @@
+"""PNG figures: learning curves, metric box plots and segmentation overlays.
+
+All figures are drawn with matplotlib's non-interactive Agg backend and written atomically
+(temporary file, then rename), so a crash never leaves a half-written PNG behind.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+_COLORS = plt.get_cmap("tab10").colors
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (PNG) atomically and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def line_plot(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    xlabel: str = "epoch",
+    ylabel: str = "",
+    title: str = "",
+    logy: bool = False,
+) -> Path:
+    """Plot named ``(x, y)`` series on one axis (e.g. train / val loss curves) into ``path``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in series.items():
+        ax.plot(list(x), list(y), marker="." if len(x) < 50 else None, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    return save_figure(fig, path)
+
+
+def box_plot(
+    values: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str = ""
+) -> Path:
+    """One panel per metric (``{"dice": {"TC": [...], ...}, "hd95": {...}}``), one box per label.
+
+    Non-finite values are left out of the boxes; a label without finite values shows no box.
+    """
+    metrics = list(values)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        labels = list(values[metric])
+        data = [[v for v in values[metric][lb] if np.isfinite(v)] for lb in labels]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def best_slice(mask: np.ndarray, axis: int = -1) -> int:
+    """Index along ``axis`` with the most foreground in ``mask`` (the middle one if empty)."""
+    axis = axis % mask.ndim
+    area = (mask != 0).sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
+    return int(area.argmax()) if area.any() else mask.shape[axis] // 2
+
+
+def overlay_plot(
+    label: np.ndarray,
+    pred: np.ndarray,
+    path: str | Path,
+    image: np.ndarray | None = None,
+    title: str = "",
+    axis: int = -1,
+) -> Path:
+    """Contours of ground truth (solid) and prediction (dashed) for each label value.
+
+    ``label``/``pred`` are integer label maps of the same 2D or 3D shape; ``image`` (same
+    spatial shape, optional) is the grey background. 3D volumes are shown at the slice along
+    ``axis`` with the most ground-truth foreground.
+    """
+    if label.shape != pred.shape or (image is not None and image.shape != label.shape):
+        raise ValueError(
+            f"overlay needs equal shapes, got label {label.shape}, prediction {pred.shape}"
+            + (f", image {image.shape}" if image is not None else "")
+        )
+    if label.ndim == 3:
+        index = best_slice(label if label.any() else pred, axis)
+        take = lambda a: np.take(a, index, axis=axis)  # noqa: E731
+        label, pred = take(label), take(pred)
+        image = None if image is None else take(image)
+        title = f"{title} (slice {index})".strip()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    background = np.zeros(label.shape) if image is None else image
+    ax.imshow(background.T, cmap="gray", origin="lower")
+    values = sorted((set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {0})
+    for i, value in enumerate(values):
+        color = _COLORS[i % len(_COLORS)]
+        for mask, style in ((label, "solid"), (pred, "dashed")):
+            if (mask == value).any():
+                ax.contour((mask == value).T.astype(float), levels=[0.5], colors=[color],
+                           linestyles=style, linewidths=1.2, origin="lower")
+        ax.plot([], [], color=color, label=f"label {value}")
+    ax.plot([], [], color="k", linestyle="solid", label="ground truth")
+    ax.plot([], [], color="k", linestyle="dashed", label="prediction")
+    ax.legend(loc="upper right", fontsize=7)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
