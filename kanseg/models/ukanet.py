@@ -19,6 +19,8 @@ class UKANet(nn.Module):
     cropped back. With ``deep_supervision``, training-mode forward returns a list of logits
     ``[full-res, 1/2, 1/4, ...]`` (``supervision_levels`` in all); eval mode returns the tensor.
     ``plain_stem`` replaces the first KAN conv by a plain conv + norm + activation.
+    ``stem_stride=2`` runs the whole U-Net at half resolution and upsamples the logits with a
+    learned transposed conv: about 8x less compute in 3D (the fast setting for CPU training).
     ``bottleneck_convs`` uses squeeze/expand bottleneck KAN convs for every 3x3 conv.
     ``family_options`` go to every KAN conv (``degree``, ``dropout``, ``recompute``...).
     """
@@ -38,6 +40,7 @@ class UKANet(nn.Module):
         deep_supervision: bool = False,
         supervision_levels: int = 3,
         plain_stem: bool = False,
+        stem_stride: int = 1,
         bottleneck_convs: bool = False,
         **family_options,
     ):
@@ -54,8 +57,11 @@ class UKANet(nn.Module):
                 f"supervision_levels must be in [2, depth + 1 = {depth + 1}], "
                 f"got {supervision_levels!r}"
             )
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
         self.spatial_dims = spatial_dims
         self.depth = depth
+        self.stem_stride = stem_stride
         self.deep_supervision = deep_supervision
         self.supervision_levels = supervision_levels if deep_supervision else 1
         channels = [base * 2**i for i in range(depth + 1)]
@@ -63,12 +69,13 @@ class UKANet(nn.Module):
 
         if plain_stem:
             self.stem: nn.Module = nn.Sequential(
-                Conv[Conv.CONV, spatial_dims](in_channels, channels[0], 3, padding=1, bias=False),
+                Conv[Conv.CONV, spatial_dims](in_channels, channels[0], 3, stride=stem_stride,
+                                              padding=1, bias=False),
                 create_norm(norm, spatial_dims, channels[0]),
                 conv.activation(),
             )
         else:
-            self.stem = conv(in_channels, channels[0], 3)
+            self.stem = conv(in_channels, channels[0], 3, stride=stem_stride)
         self.encoder = nn.ModuleList(
             [res_stage(conv, channels[max(i - 1, 0)], channels[i], blocks_per_stage,
                        stride=1 if i == 0 else 2, kind=block) for i in range(depth + 1)]
@@ -85,6 +92,8 @@ class UKANet(nn.Module):
         self.heads = nn.ModuleList(
             [head(channels[i], out_channels, 1) for i in range(self.supervision_levels)]
         )
+        if stem_stride > 1:  # the full-resolution head upsamples the half-resolution features
+            self.heads[0] = up_conv(channels[0], out_channels, stem_stride, stride=stem_stride)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != self.spatial_dims + 2:
@@ -92,7 +101,7 @@ class UKANet(nn.Module):
                 f"UKANet({self.spatial_dims}D) expects input (B, C, {self.spatial_dims} spatial "
                 f"dims), got shape {tuple(x.shape)}"
             )
-        x, size = pad_to_multiple(x, 2**self.depth)
+        x, size = pad_to_multiple(x, self.stem_stride * 2**self.depth)
         h = self.stem(x)
         skips = []
         for stage in self.encoder:
@@ -104,13 +113,13 @@ class UKANet(nn.Module):
             h = self.up[level](h)
             h = self.decoder[level](torch.cat([h, skips[level]], dim=1))
             decoded.append(h)
-        decoded.reverse()  # decoded[level] has resolution 1 / 2**level
+        decoded.reverse()  # decoded[level] has resolution 1 / (stem_stride * 2**level)
         logits = crop_to(self.heads[0](decoded[0]), size)
         if not (self.training and self.deep_supervision):
             return logits
         outputs = [logits]
         for level in range(1, self.supervision_levels):
-            coarse = [-(-s // 2**level) for s in size]
+            coarse = [-(-s // (self.stem_stride * 2**level)) for s in size]
             outputs.append(crop_to(self.heads[level](decoded[level]), coarse))
         return outputs
 
