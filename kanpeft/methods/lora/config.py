@@ -46,11 +46,13 @@ def load_kan_lora_config(directory: str | Path) -> LoraConfig:
 
 def lora_targets(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
     """Names of the KANConvs (bottleneck cores included) and bottleneck projections to adapt
-    (peft cannot merge LoRA on grouped convs, so grouped projections are left out)."""
+    (peft 0.21 cannot merge LoRA on grouped convs nor on 1x1x1 Conv3d, so those projections are
+    left out)."""
     names = []
     for name, module in model.named_modules():
         if isinstance(module, KANBottleneckConv) and matches(name, patterns):
-            projections = ["inner_proj", "out_proj"] if module.groups == 1 else []
+            projections = (["inner_proj", "out_proj"]
+                           if module.groups == 1 and module.spatial_dims < 3 else [])
             names += [f"{name}.core"] + [f"{name}.{p}" for p in projections]
         elif isinstance(module, KANConv) and matches(name, patterns) and name not in names:
             names.append(name)
