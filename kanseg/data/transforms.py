@@ -155,7 +155,7 @@ def _sampling(cfg: DataConfig) -> list:
     if cfg.sampling == "balanced":
         steps.append(RandCropByPosNegLabeld(
             keys, label_key="label", spatial_size=cfg.patch_size, pos=cfg.pos_neg_ratio, neg=1.0,
-            num_samples=cfg.samples_per_case, image_key="image", allow_smaller=False))
+            num_samples=cfg.samples_per_case, allow_smaller=False))
     else:
         steps.append(RandSpatialCropSamplesd(keys, roi_size=cfg.patch_size,
                                              num_samples=cfg.samples_per_case,
