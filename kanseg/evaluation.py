@@ -16,8 +16,6 @@ import dataclasses
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from kanseg.data.config import BRATS_LAYOUTS, DataConfig
 from kanseg.data.layouts import BRATS_CLASSES, BRATS_REGIONS, NIFTI_SUFFIXES, label_spec, load_cases
+from kanseg.engine.checkpoint import atomic_write_text
 
 CSV_COLUMNS = ("case", "label", "dice", "hd95", "gt_voxels", "pred_voxels", "status",
                "pred_file", "label_file")
@@ -217,13 +216,6 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     }
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_csv(rows: Sequence[dict], path: Path) -> None:
     """``metrics.csv``: one row per case x label (problem rows have an empty label)."""
     buf = io.StringIO()
@@ -231,7 +223,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in CSV_COLUMNS})
-    _atomic_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _overlay_image(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -297,5 +289,5 @@ def evaluate(pred_dir: str | Path, label: str | Path, output: str | Path,
     write_csv(rows, output / "metrics.csv")
     if plots:
         write_plots(rows, {p.case: p for p in pairs}, summary, output)
-    _atomic_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

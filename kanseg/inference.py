@@ -27,9 +27,9 @@ from kanseg.data.layouts import (
     BRATS_LAYOUTS, IMAGE_SUFFIXES_2D, NIFTI_SUFFIXES, LabelSpec, brats_cases, label_spec,
     load_cases, test_cases,
 )
+from kanseg.engine.checkpoint import WEIGHTS, load_weights
 
 CHECKPOINT_DIRS = ("checkpoints/best", "checkpoints/last")
-WEIGHTS_FILE = "model.safetensors"
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES_2D
 
 
@@ -90,7 +90,7 @@ def find_checkpoint(checkpoint: str | Path, config: str | Path | None = None) ->
     """
     path = Path(checkpoint).expanduser()
     if path.is_dir():
-        candidates = [path / d / WEIGHTS_FILE for d in CHECKPOINT_DIRS]
+        candidates = [path / d / WEIGHTS for d in CHECKPOINT_DIRS]
         weights = next((c for c in candidates if c.is_file()), None)
         if weights is None:
             raise InferenceError(f"run folder {path} has no {candidates[0].relative_to(path)} "
@@ -99,7 +99,7 @@ def find_checkpoint(checkpoint: str | Path, config: str | Path | None = None) ->
         weights = path
     else:
         raise InferenceError(f"checkpoint {str(path)!r} does not exist (expected a run folder "
-                             f"or a {WEIGHTS_FILE} file)")
+                             f"or a {WEIGHTS} file)")
     if config is not None:
         cfg_path = Path(config).expanduser()
         if not cfg_path.is_file():
@@ -113,20 +113,16 @@ def find_checkpoint(checkpoint: str | Path, config: str | Path | None = None) ->
 
 def build_model(cfg: Any) -> nn.Module:
     """The network described by the config's ``model`` section (random weights)."""
-    from kanseg.models import create_model
-
-    options = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "name"}
-    return create_model(cfg.model.name, **options)
+    return cfg.model.build()
 
 
 def load_model(weights: str | Path, cfg: Any) -> nn.Module:
     """Build the config's model and load ``weights`` (safetensors) into it, in eval mode."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     model = build_model(cfg)
     try:
-        state = load_file(str(weights))
+        state = load_weights(Path(weights))
     except (OSError, SafetensorError) as err:
         raise InferenceError(f"cannot read weights {weights}: {err}") from None
     try:

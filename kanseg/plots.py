@@ -1,4 +1,4 @@
-"""PNG figures: learning curves, metric box plots and segmentation overlays.
+"""PNG figures: metric box plots and segmentation overlays (and an atomic PNG writer).
 
 All figures are drawn with matplotlib's non-interactive Agg backend and written atomically
 (temporary file, then rename), so a crash never leaves a half-written PNG behind.
@@ -34,29 +34,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def line_plot(
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    path: str | Path,
-    xlabel: str = "epoch",
-    ylabel: str = "",
-    title: str = "",
-    logy: bool = False,
-) -> Path:
-    """Plot named ``(x, y)`` series on one axis (e.g. train / val loss curves) into ``path``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (x, y) in series.items():
-        ax.plot(list(x), list(y), marker="." if len(x) < 50 else None, label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend()
-    return save_figure(fig, path)
 
 
 def box_plot(

@@ -1,0 +1,171 @@
+"""Evaluation: Dice / HD95 against independent numpy formulas, regions, reports, mismatches."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kanseg.cli import main
+from kanseg.evaluation import EvalLabel, evaluate, labels_for, mask_metrics
+
+SPACING = (0.8, 1.2, 2.5)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Mask voxels with at least one face neighbour outside the mask (or the array)."""
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for shift in (-1, 1):
+            interior &= np.roll(padded, shift, axis)[tuple(slice(1, -1) for _ in mask.shape)]
+    return mask & ~interior
+
+
+def _hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """Symmetric 95th-percentile surface distance by brute force over all point pairs."""
+    pa, pb = np.argwhere(_surface(a)) * spacing, np.argwhere(_surface(b)) * spacing
+    d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _save(path: Path, data: np.ndarray, spacing=SPACING, offset=(0.0, 0.0, 0.0)) -> Path:
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = offset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), affine), str(path))
+    return path
+
+
+def _toy_pair(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth and an imperfect prediction with BraTS labels (1 NCR, 2 ED, 4 ET)."""
+    rng = np.random.default_rng(seed)
+    gt = np.zeros((14, 12, 9), np.uint8)
+    gt[2:11, 2:10, 1:8] = 2
+    gt[4:9, 4:8, 2:6] = 1
+    gt[5:8, 5:7, 3:5] = 4
+    pred = np.roll(gt, shift=(1, -1, 0), axis=(0, 1, 2))
+    pred[rng.random(gt.shape) < 0.03] = 0
+    pred[9:12, 9:11, 6:8] = 4  # a false-positive blob
+    return gt, pred
+
+
+def test_single_voxel_distances_by_hand():
+    gt = np.zeros((5, 5, 8), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[2, 2, 2], pred[2, 2, 5] = 1, 1
+    (row,) = mask_metrics(pred, gt, [EvalLabel("x", (1,))], (1.0, 1.0, 2.0))
+    assert row["dice"] == 0.0
+    assert row["hd95"] == pytest.approx(6.0)  # 3 slices of 2 mm
+
+
+def test_dice_and_hd95_match_brute_force_on_toy_masks():
+    gt, pred = _toy_pair()
+    labels = [EvalLabel("NCR", (1,)), EvalLabel("ED", (2,)), EvalLabel("WT", (1, 2, 4))]
+    rows = mask_metrics(pred, gt, labels, SPACING)
+    for row, lb in zip(rows, labels):
+        a, b = np.isin(pred, lb.values), np.isin(gt, lb.values)
+        assert row["label"] == lb.name
+        assert row["dice"] == pytest.approx(_dice(a, b), abs=1e-6)
+        assert row["hd95"] == pytest.approx(_hd95(a, b, np.array(SPACING)), rel=1e-5)
+        assert (row["gt_voxels"], row["pred_voxels"]) == (b.sum(), a.sum())
+        assert 0 < row["dice"] < 1 and row["hd95"] > 0
+
+
+def test_brats_regions_and_empty_mask_conventions():
+    labels = labels_for(layout="brats2021")
+    assert [(lb.name, lb.values) for lb in labels] == [
+        ("NCR", (1,)), ("ED", (2,)), ("TC", (1, 4)), ("WT", (1, 2, 4)), ("ET", (4,))]
+    gt, pred = _toy_pair(1)
+    rows = {r["label"]: r for r in mask_metrics(pred, gt, labels, SPACING)}
+    tc_p, tc_g = np.isin(pred, (1, 4)), np.isin(gt, (1, 4))
+    assert rows["TC"]["dice"] == pytest.approx(_dice(tc_p, tc_g), abs=1e-6)
+    assert rows["TC"]["hd95"] == pytest.approx(_hd95(tc_p, tc_g, np.array(SPACING)), rel=1e-5)
+    # ET absent from both -> Dice 1, HD95 0; ET only predicted -> Dice 0, HD95 undefined
+    gt[gt == 4], pred[pred == 4] = 1, 1
+    assert mask_metrics(pred, gt, labels[-1:], SPACING)[0] == {
+        "label": "ET", "dice": 1.0, "hd95": 0.0, "gt_voxels": 0, "pred_voxels": 0,
+        "status": "ok"}
+    pred[0, 0, 0] = 4
+    only_pred = mask_metrics(pred, gt, labels[-1:], SPACING)[0]
+    assert only_pred["dice"] == 0.0 and np.isnan(only_pred["hd95"])
+    assert only_pred["status"] == "empty ground truth"
+
+
+def test_evaluate_writes_reports_and_reports_mismatches_per_case(tmp_path, capsys):
+    pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+    expected = {}
+    for i in range(3):
+        gt, pred = _toy_pair(i)
+        _save(label_dir / f"case{i}.nii.gz", gt)
+        _save(pred_dir / f"case{i}.nii.gz", pred)
+        expected[f"case{i}"] = (gt, pred)
+    gt, pred = _toy_pair(5)
+    _save(label_dir / "no_pred.nii.gz", gt)
+    _save(pred_dir / "no_label.nii.gz", pred)
+    _save(label_dir / "shape.nii.gz", gt)
+    _save(pred_dir / "shape.nii.gz", pred[:, :, :-1])
+    _save(label_dir / "shifted.nii.gz", gt)
+    _save(pred_dir / "shifted.nii.gz", pred, offset=(5.0, 0.0, 0.0))
+    _save(label_dir / "corrupt.nii.gz", gt)
+    (pred_dir / "corrupt.nii.gz").write_bytes(b"garbage")
+
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--pred", str(pred_dir), "--label", str(label_dir),
+               "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"case", "label", "dice", "hd95"} <= set(rows[0])
+    status = {r["case"]: r["status"] for r in rows if not r["label"]}
+    assert status["no_pred"] == "missing prediction"
+    assert status["no_label"] == "missing label"
+    assert status["shape"].startswith("shape mismatch")
+    assert status["shifted"].startswith("affine mismatch")
+    assert status["corrupt"].startswith("unreadable")
+    for case in status:
+        assert case in printed
+    scored = [r for r in rows if r["label"]]
+    for r in scored:  # without a config, every value present is scored as its own class
+        gt, pred = expected[r["case"]]
+        v = int(r["label"])
+        assert float(r["dice"]) == pytest.approx(_dice(pred == v, gt == v), abs=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {p["case"] for p in summary["problems"]} == set(status)
+    dice_ncr = [float(r["dice"]) for r in scored if r["label"] == "1"]
+    assert summary["labels"]["1"]["dice"]["mean"] == pytest.approx(np.mean(dice_ncr))
+    assert summary["labels"]["1"]["dice"]["std"] == pytest.approx(np.std(dice_ncr))
+    assert summary["labels"]["1"]["dice"]["median"] == pytest.approx(np.median(dice_ncr))
+    assert (out / "boxplot.png").stat().st_size > 0
+    assert len(list((out / "overlays").glob("*.png"))) == 2  # 1 worst + 1 best of 3 cases
+
+
+def test_evaluate_dataset_layout_uses_regions_and_images(tmp_path):
+    root, pred_dir = tmp_path / "brats", tmp_path / "pred"
+    for i in range(2):
+        cid = f"BraTS2021_0000{i}"
+        gt, pred = _toy_pair(i)
+        for mod in ("t1", "t1ce", "t2", "flair"):
+            _save(root / cid / f"{cid}_{mod}.nii.gz", gt * 10)
+        _save(root / cid / f"{cid}_seg.nii.gz", gt)
+        _save(pred_dir / f"{cid}.nii.gz", pred)
+    summary = evaluate(pred_dir, root, tmp_path / "eval", layout="brats2021", progress=False)
+    assert list(summary["labels"]) == ["NCR", "ED", "TC", "WT", "ET"]
+    assert summary["cases_scored"] == 2 and not summary["problems"]
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 2
+
+
+def test_unusable_arguments_exit_non_zero(tmp_path, capsys):
+    (tmp_path / "labels").mkdir()
+    rc = main(["evaluate", "--pred", str(tmp_path / "missing"), "--label",
+               str(tmp_path / "labels"), "--output", str(tmp_path / "eval")])
+    assert rc != 0
+    assert "missing" in capsys.readouterr().err
