@@ -12,7 +12,7 @@ from kanseg.schema import from_dict
 
 from .methods import METHODS
 from .methods import tuner
-from .methods.common import AdapterConfig
+from .methods.common import AdapterConfig, release_norm_statistics
 
 
 def method_config(method: str, options: dict[str, Any] | AdapterConfig | None = None) -> AdapterConfig:
@@ -42,6 +42,7 @@ def merge(prepared: nn.Module) -> nn.Module:
         merged = prepared.merge_and_unload()
         for p in merged.parameters():
             p.requires_grad_(True)
+        release_norm_statistics(merged)
         return merged
     if not tuner.adapter_layers(prepared):
         raise ValueError("merge: the model has no kanpeft adapters (prepare() it first)")

@@ -71,14 +71,35 @@ def norm_module_names(model: nn.Module) -> list[str]:
                                               or any(True for _ in m.buffers(recurse=False)))]
 
 
+def _use_running_statistics(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a frozen BatchNorm: normalise with (and keep) its running statistics."""
+    module.train(False)
+
+
 def freeze_except(model: nn.Module, config: AdapterConfig) -> None:
-    """Freeze every parameter, then unfreeze norm layers / full modules as ``config`` asks."""
+    """Freeze every parameter, then unfreeze norm layers / full modules as ``config`` asks.
+
+    Frozen BatchNorm layers are frozen completely: they use and keep their running statistics
+    in training too (as torchvision's FrozenBatchNorm2d), so an adapter never depends on them.
+    """
     check_module_names(model, config.trainable_modules, "trainable_modules")
     norms = set(norm_module_names(model)) if config.train_norm else set()
     for name, param in model.named_parameters():
         module_name = name.rpartition(".")[0]
         param.requires_grad_(module_name in norms
                              or in_trainable_modules(name, config.trainable_modules))
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+                and name not in norms and not in_trainable_modules(name, config.trainable_modules)):
+            module.register_forward_pre_hook(_use_running_statistics)
+
+
+def release_norm_statistics(model: nn.Module) -> None:
+    """Undo the BatchNorm freezing of :func:`freeze_except` (after a merge)."""
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for key in [k for k, hook in hooks.items() if hook is _use_running_statistics]:
+            del hooks[key]
 
 
 def kan_preactivation(layer: KANConv, x: Tensor, base_weight: Tensor | None,

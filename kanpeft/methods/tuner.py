@@ -17,7 +17,8 @@ from torch import nn
 
 from kanseg.schema import from_dict, to_dict
 
-from .common import AdapterConfig, freeze_except, kan_layers, norm_module_names, set_submodule
+from .common import (AdapterConfig, freeze_except, kan_layers, norm_module_names,
+                     release_norm_statistics, set_submodule)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,6 +86,7 @@ def merge_model(model: nn.Module) -> nn.Module:
         set_submodule(model, name, layer.merged_layer())
     for p in model.parameters():
         p.requires_grad_(True)
+    release_norm_statistics(model)
     return model
 
 

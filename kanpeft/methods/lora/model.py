@@ -6,14 +6,15 @@ from pathlib import Path
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ..common import check_module_names
+from ..common import freeze_except
 from .config import KanLoraConfig, load_kan_lora_config, to_peft_config
 
 
 def prepare(model: nn.Module, config: KanLoraConfig) -> PeftModel:
     """``peft.get_peft_model`` with the KAN targets of ``config`` (the base model is frozen)."""
-    check_module_names(model, config.trainable_modules, "trainable_modules")
-    return get_peft_model(model, to_peft_config(model, config))
+    peft_config = to_peft_config(model, config)
+    freeze_except(model, config)  # peft freezes too; this also freezes BatchNorm statistics
+    return get_peft_model(model, peft_config)
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> PeftModel:
