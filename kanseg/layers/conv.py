@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .basis import Basis
 from .norm import create_norm
@@ -33,46 +34,62 @@ def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     return value
 
 
-def expand_with_base(x: Tensor, basis: Basis, base_activation: nn.Module | None) -> Tensor:
-    """Per-channel stack ``[base_act(x), basis(x)...]`` flattened to ``(B, C*(n+1), *S)``."""
-    expanded = basis(x)
+def expand_with_base(x: Tensor, expanded: Tensor, base_activation: nn.Module | None) -> Tensor:
+    """Per-channel stack ``[base_act(x), expanded...]`` flattened to ``(B, C*(n+1), *S)``."""
     if base_activation is not None:
         expanded = torch.cat([base_activation(x).unsqueeze(2), expanded], dim=2)
     return expanded.flatten(1, 2)
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a convolution in for ``x``, or None outside autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class _ExpandConv(torch.autograd.Function):
-    """conv(expand(x), w) that saves only ``x`` and ``w`` and recomputes ``expand(x)`` in backward."""
+    """conv(expand(x), w) that saves only ``x`` and ``w`` and recomputes ``expand(x)`` in backward.
+
+    The basis parameters are passed as inputs so that the backward recomputes with the very
+    tensors used in forward (also under ``torch.func.functional_call``). Under autocast the
+    convolution runs in the autocast dtype in both passes.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, layer: "KANConv", *basis_params: Tensor) -> Tensor:
         with torch.no_grad():
             expanded = layer.expand(x)
         ctx.layer = layer
-        ctx.save_for_backward(x, weight)
-        return layer.conv(expanded, weight)
+        ctx.compute_dtype = _autocast_dtype(x) or torch.promote_types(expanded.dtype, weight.dtype)
+        ctx.save_for_backward(x, weight, *basis_params)
+        with torch.autocast(x.device.type, enabled=False):
+            return layer.conv(expanded.to(ctx.compute_dtype), weight.to(ctx.compute_dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, *params = ctx.saved_tensors
         layer: KANConv = ctx.layer
-        params = [p for p in layer.basis.parameters()]
+        dtype = ctx.compute_dtype
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_p = [p.requires_grad and need for p, need in zip(params, ctx.needs_input_grad[3:])]
+        x_leaf = x.detach().requires_grad_(need_x)
+        leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
+        names = [name for name, _ in layer.basis.named_parameters()]
         with torch.enable_grad():
-            x_leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            expanded = layer.expand(x_leaf)
-        d = layer.spatial_dims
+            expanded = functional_call(layer.basis, dict(zip(names, leaves)), (x_leaf,))
+            expanded = expand_with_base(x_leaf, expanded, layer.base_activation)
         grad_expanded, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad_out, expanded.detach(), weight, None, layer.stride, layer.padding,
-            layer.dilation, False, [0] * d, layer.groups,
-            [True, ctx.needs_input_grad[1], False],
+            grad_out.to(dtype), expanded.detach().to(dtype), weight.to(dtype), None,
+            layer.stride, layer.padding, layer.dilation, False, [0] * layer.spatial_dims,
+            layer.groups, [need_x or any(need_p), need_w, False],
         )
-        inputs = ([x_leaf] if ctx.needs_input_grad[0] else []) + [p for p in params if p.requires_grad]
-        grads = torch.autograd.grad(expanded, inputs, grad_expanded, allow_unused=True) if inputs else ()
-        grads = list(grads)
-        grad_x = grads.pop(0) if ctx.needs_input_grad[0] else None
-        param_grads = []
-        for p in params:
-            param_grads.append(grads.pop(0) if p.requires_grad else None)
+        inputs = ([x_leaf] if need_x else []) + [p for p, need in zip(leaves, need_p) if need]
+        grads = list(torch.autograd.grad(expanded, inputs, grad_expanded.to(expanded.dtype),
+                                         allow_unused=True)) if inputs else []
+        grad_x = grads.pop(0) if need_x else None
+        param_grads = [grads.pop(0) if need else None for need in need_p]
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         return (grad_x, grad_weight, None, *param_grads)
 
 
@@ -155,7 +172,7 @@ class KANConv(nn.Module):
 
     def expand(self, x: Tensor) -> Tensor:
         """Expanded per-channel stack fed to the fused convolution."""
-        return expand_with_base(x, self.basis, self.base_activation)
+        return expand_with_base(x, self.basis(x), self.base_activation)
 
     def conv(self, expanded: Tensor, weight: Tensor) -> Tensor:
         """The fused convolution (one call for all groups and both branches)."""
@@ -171,7 +188,7 @@ class KANConv(nn.Module):
         if self.dropout is not None:
             x = self.dropout(x)
         weight = self.fused_weight()
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
             y = _ExpandConv.apply(x, weight, self, *self.basis.parameters())
         else:
             y = self.conv(self.expand(x), weight)
