@@ -157,6 +157,17 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, ...]]:
     return F.pad(x, pad), size
 
 
+def check_bottom_size(name: str, size: Sequence[int], factor: int, norm: str) -> None:
+    """Instance norm needs more than one voxel at the coarsest (``1/factor``) resolution."""
+    bottom = [-(-s // factor) for s in size]
+    if norm == "instance" and all(b == 1 for b in bottom):
+        raise ValueError(
+            f"{name}: input spatial size {tuple(size)} is too small: the coarsest level "
+            f"(1/{factor}) would hold a single voxel, which instance norm cannot normalise; "
+            f"use an input larger than {factor} along at least one axis"
+        )
+
+
 def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
     """Crop the spatial dims of ``x`` to ``size`` (from the start)."""
     if tuple(x.shape[2:]) == tuple(size):
@@ -165,6 +176,6 @@ def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 __all__ = [
-    "BLOCK_KINDS", "ConvFactory", "KANResBlock", "RSUBlock", "crop_to", "pad_to_multiple",
+    "BLOCK_KINDS", "ConvFactory", "KANResBlock", "RSUBlock", "check_bottom_size", "crop_to", "pad_to_multiple",
     "res_stage", "resize_to",
 ]

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from kanseg.layers import create_norm
 
-from .blocks import BLOCK_KINDS, ConvFactory, crop_to, pad_to_multiple, res_stage
+from .blocks import BLOCK_KINDS, ConvFactory, check_bottom_size, crop_to, pad_to_multiple, res_stage
 from .registry import register_model
 
 
@@ -52,9 +52,9 @@ class UKANet(nn.Module):
         base = round(width * width_scale)
         if base < 1:
             raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
-        if deep_supervision and not 2 <= supervision_levels <= depth + 1:
+        if deep_supervision and not 2 <= supervision_levels <= depth:
             raise ValueError(
-                f"supervision_levels must be in [2, depth + 1 = {depth + 1}], "
+                f"supervision_levels must be in [2, depth = {depth}] (one per decoder level), "
                 f"got {supervision_levels!r}"
             )
         if stem_stride not in (1, 2):
@@ -62,6 +62,7 @@ class UKANet(nn.Module):
         self.spatial_dims = spatial_dims
         self.depth = depth
         self.stem_stride = stem_stride
+        self.norm = norm
         self.deep_supervision = deep_supervision
         self.supervision_levels = supervision_levels if deep_supervision else 1
         channels = [base * 2**i for i in range(depth + 1)]
@@ -101,7 +102,9 @@ class UKANet(nn.Module):
                 f"UKANet({self.spatial_dims}D) expects input (B, C, {self.spatial_dims} spatial "
                 f"dims), got shape {tuple(x.shape)}"
             )
-        x, size = pad_to_multiple(x, self.stem_stride * 2**self.depth)
+        factor = self.stem_stride * 2**self.depth
+        check_bottom_size("UKANet", x.shape[2:], factor, self.norm)
+        x, size = pad_to_multiple(x, factor)
         h = self.stem(x)
         skips = []
         for stage in self.encoder:

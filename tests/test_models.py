@@ -1,0 +1,163 @@
+"""Segmentation networks (UKANet, U2KANet), blocks and the model registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kanseg.models import count_parameters, create_model, get_model_spec, list_models
+from kanseg.models.blocks import ConvFactory, KANResBlock, RSUBlock, crop_to, pad_to_multiple
+
+REQUIRED = {"ukanet", "u2kanet", "u2kanet_small", "vgg_kan", "reskanet18", "reskanet34",
+            "reskanet50"}
+
+
+def test_registry_names_and_errors():
+    assert REQUIRED <= set(list_models())
+    with pytest.raises(ValueError, match="unknown model 'unet'.*ukanet"):
+        create_model("unet")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['widht'\]"):
+        create_model("ukanet", widht=8)
+    # options of another family are rejected for this family
+    with pytest.raises(ValueError, match="grid_size"):
+        create_model("ukanet", family="kagn", grid_size=4)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        create_model("ukanet", spatial_dims=4)
+    with pytest.raises(ValueError, match="family must be one of"):
+        create_model("ukanet", family="nope")
+
+
+def test_count_parameters_matches_a_real_build():
+    kwargs = dict(spatial_dims=2, in_channels=1, out_channels=2, depth=2, width=4)
+    model = create_model("ukanet", **kwargs)
+    assert count_parameters("ukanet", **kwargs) == sum(p.numel() for p in model.parameters())
+
+
+def test_pad_and_crop_roundtrip():
+    x = torch.randn(1, 2, 5, 8, 3)
+    padded, size = pad_to_multiple(x, 4)
+    assert padded.shape[2:] == (8, 8, 4)
+    assert torch.equal(crop_to(padded, size), x)
+    assert padded[:, :, 5:].abs().sum() == 0
+
+
+def _reference_basic_block(block: KANResBlock, x: torch.Tensor) -> torch.Tensor:
+    first, second = block.body
+    return F.silu(second(first(x)) + block.shortcut(x))
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_residual_block_shapes_and_identity_shortcut(spatial_dims):
+    conv = ConvFactory("kagn", spatial_dims, "instance", options={"degree": 2})
+    x = torch.randn(2, 4, *([6] * spatial_dims))
+    same = KANResBlock(conv, 4, 4)
+    assert isinstance(same.shortcut, torch.nn.Identity)
+    torch.testing.assert_close(same(x), _reference_basic_block(same, x))
+    down = KANResBlock(conv, 4, 8, stride=2, kind="bottleneck")
+    assert down(x).shape == (2, 8, *([3] * spatial_dims))
+    assert [m.kernel_size for m in down.body] == [(1,) * spatial_dims, (3,) * spatial_dims,
+                                                   (1,) * spatial_dims]
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_rsu_block_shapes(dilated):
+    conv = ConvFactory("kagn", 2, "instance", options={"degree": 1})
+    block = RSUBlock(conv, 3, 2, 4, height=4, dilated=dilated)
+    x = torch.randn(1, 3, 13, 10)
+    assert block(x).shape == (1, 4, 13, 10)
+    # residual: output = U-part + input conv
+    assert len(block.encoder) == 3 and len(block.decoder) == 3
+
+
+@pytest.mark.parametrize("family,options", [("kagn", {"degree": 2}), ("kaln", {"degree": 1}),
+                                            ("fastkan", {"grid_size": 3}),
+                                            ("wavkan", {"wavelet": "mexican_hat"})])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_ukanet_shapes_odd_sizes(family, options, spatial_dims):
+    size = (9, 7, 6)[:spatial_dims]
+    model = create_model("ukanet", spatial_dims=spatial_dims, in_channels=2, out_channels=3,
+                         family=family, depth=2, width=4, **options)
+    assert model(torch.randn(1, 2, *size)).shape == (1, 3, *size)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_ukanet_deep_supervision_train_and_eval(spatial_dims):
+    size = (10, 12, 9)[:spatial_dims]
+    model = create_model("ukanet", spatial_dims=spatial_dims, in_channels=1, out_channels=2,
+                         depth=3, width=2, deep_supervision=True, supervision_levels=3,
+                         block="bottleneck", plain_stem=True, bottleneck_convs=True,
+                         degree=1)
+    outputs = model(torch.randn(2, 1, *size))
+    assert isinstance(outputs, list) and len(outputs) == 3
+    for level, out in enumerate(outputs):
+        assert out.shape == (2, 2, *[-(-s // 2**level) for s in size])
+    model.eval()
+    assert model(torch.randn(2, 1, *size)).shape == (2, 2, *size)
+
+
+def test_ukanet_stem_stride_and_blocks_per_stage():
+    model = create_model("ukanet", spatial_dims=3, in_channels=1, out_channels=2, depth=2,
+                         width=4, stem_stride=2, blocks_per_stage=2, degree=1,
+                         deep_supervision=True, supervision_levels=2)
+    outputs = model(torch.randn(1, 1, 7, 8, 9))
+    assert [tuple(o.shape[2:]) for o in outputs] == [(7, 8, 9), (2, 2, 3)]
+    assert model.heads[0].stride == (2, 2, 2)
+    assert len(model.encoder[0]) == 2
+
+
+def test_ukanet_errors():
+    with pytest.raises(ValueError, match="block must be one of"):
+        create_model("ukanet", block="dense")
+    with pytest.raises(ValueError, match="supervision_levels"):
+        create_model("ukanet", depth=2, deep_supervision=True, supervision_levels=3)
+    model = create_model("ukanet", spatial_dims=2, depth=2, width=2, degree=1)
+    with pytest.raises(ValueError, match="expects input"):
+        model(torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.randn(1, 1, 4, 3))
+
+
+@pytest.mark.parametrize("name", ["u2kanet", "u2kanet_small"])
+@pytest.mark.parametrize("spatial_dims,size", [(2, (40, 35)), (3, (33, 9, 8))])
+def test_u2kanet_shapes(name, spatial_dims, size):
+    model = create_model(name, spatial_dims=spatial_dims, in_channels=2, out_channels=3,
+                         width_scale=1 / 16, family="kacn", degree=1, deep_supervision=True)
+    outputs = model(torch.randn(1, 2, *size))
+    assert len(outputs) == 7 and all(o.shape == (1, 3, *size) for o in outputs)
+    model.eval()
+    assert model(torch.randn(1, 2, *size)).shape == (1, 3, *size)
+
+
+def test_u2kanet_variants_differ_and_validate():
+    assert count_parameters("u2kanet", spatial_dims=2) > 10 * count_parameters(
+        "u2kanet_small", spatial_dims=2)
+    assert get_model_spec("u2kanet_small").defaults["variant"] == "small"
+    with pytest.raises(ValueError, match="variant"):
+        create_model("u2kanet", variant="medium")
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("ukanet", dict(spatial_dims=3, depth=2, width=4, deep_supervision=True,
+                    supervision_levels=2)),
+    ("u2kanet_small", dict(spatial_dims=2, width_scale=1 / 8, deep_supervision=True)),
+])
+def test_few_steps_reduce_loss(name, kwargs):
+    """A real learning check: fit a tiny synthetic segmentation batch."""
+    torch.manual_seed(0)
+    spatial = (8, 8, 8) if kwargs["spatial_dims"] == 3 else (40, 40)
+    x = torch.randn(2, 1, *spatial)
+    target = (x > 0.3).long().squeeze(1)
+    model = create_model(name, in_channels=1, out_channels=2, degree=2, **kwargs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def loss_fn():
+        out = model(x)
+        return F.cross_entropy(out[0] if isinstance(out, list) else out, target)
+
+    first = loss_fn().item()
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+    assert loss_fn().item() < 0.7 * first
