@@ -1,10 +1,12 @@
 """Networks built from the KAN layer core, and the model registry."""
-from . import u2kanet, ukanet  # noqa: F401  (registers models)
+from . import reskanet, u2kanet, ukanet, vgg  # noqa: F401  (registers models)
 from .registry import count_parameters, create_model, get_model_spec, list_models, register_model
+from .reskanet import ResKANet
 from .u2kanet import U2KANet
 from .ukanet import UKANet
+from .vgg import VGG_TYPES, VGGKAN
 
 __all__ = [
-    "U2KANet", "UKANet", "count_parameters", "create_model", "get_model_spec", "list_models",
-    "register_model",
+    "ResKANet", "U2KANet", "UKANet", "VGGKAN", "VGG_TYPES", "count_parameters", "create_model",
+    "get_model_spec", "list_models", "register_model",
 ]

@@ -36,9 +36,13 @@ class ConvFactory:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, dilation: int = 1, act: bool = True) -> nn.Module:
-        """A 'same'-padded KAN conv; ``act=False`` drops the output activation (pre-residual)."""
-        options = dict(self.options)
+                 stride: int = 1, dilation: int = 1, groups: int = 1, act: bool = True,
+                 **overrides: Any) -> nn.Module:
+        """A 'same'-padded KAN conv; ``act=False`` drops the output activation (pre-residual).
+
+        ``overrides`` replace options for this conv only (e.g. ``dropout``).
+        """
+        options = {**self.options, **overrides}
         if not act:
             options["activation"] = None
         if self.bottleneck and kernel_size > 1:
@@ -46,7 +50,7 @@ class ConvFactory:
         return create_kan_conv(
             self.family, self.spatial_dims, in_channels, out_channels, kernel_size,
             stride=stride, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
-            norm=self.norm, **options,
+            groups=groups, norm=self.norm, **options,
         )
 
     def activation(self) -> nn.Module:

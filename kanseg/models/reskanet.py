@@ -1,0 +1,80 @@
+"""ResKANet: ResNet-18/34/50 layouts made of residual KAN blocks (2D backbones)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import BLOCK_KINDS, ConvFactory, res_stage
+from .registry import register_model
+
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+class ResKANet(nn.Module):
+    """ResNet of KAN convs: a 7x7 stride-2 KAN stem, 3x3 max-pool, four residual stages.
+
+    Stage ``i`` has ``layers[i]`` blocks of width ``width * width_scale * 2**i`` (times 4 for
+    bottleneck blocks). ``forward_features`` returns the maps at strides 2, 4, 8, 16, 32;
+    ``forward`` global-average-pools the last and applies dropout + linear (``num_classes=0``:
+    no head, ``forward`` returns the pooled features).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        family: str = "kagn",
+        layers: Sequence[int] = (2, 2, 2, 2),
+        block: str = "basic",
+        width: int = 64,
+        width_scale: float = 1.0,
+        norm: str = "batch",
+        dropout_linear: float = 0.0,
+        bottleneck_convs: bool = False,
+        **family_options,
+    ):
+        super().__init__()
+        if block not in BLOCK_KINDS:
+            raise ValueError(f"block must be one of {BLOCK_KINDS}, got {block!r}")
+        if len(layers) != 4:
+            raise ValueError(f"layers must list 4 stage depths, got {tuple(layers)!r}")
+        base = round(width * width_scale)
+        if base < 1:
+            raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
+        conv = ConvFactory(family, 2, norm, bottleneck_convs, options=family_options)
+        self.stem = conv(in_channels, base, 7, stride=2)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stages = nn.ModuleList()
+        self.feature_channels = [base]
+        channels = base
+        for i, blocks in enumerate(layers):
+            out = base * 2**i * EXPANSION[block]
+            self.stages.append(res_stage(conv, channels, out, blocks, 1 if i == 0 else 2, block))
+            self.feature_channels.append(out)
+            channels = out
+        self.feature_strides = [2, 4, 8, 16, 32]
+        self.head = (nn.Sequential(nn.Dropout(dropout_linear), nn.Linear(channels, num_classes))
+                     if num_classes else None)
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Feature maps at strides 2 (stem), 4, 8, 16, 32."""
+        x = self.stem(x)
+        features = [x]
+        x = self.pool(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.flatten(self.forward_features(x)[-1].mean(dim=(2, 3), keepdim=True), 1)
+        return pooled if self.head is None else self.head(pooled)
+
+
+for _depth, _layers, _block in ((18, (2, 2, 2, 2), "basic"), (34, (3, 4, 6, 3), "basic"),
+                                (50, (3, 4, 6, 3), "bottleneck")):
+    register_model(f"reskanet{_depth}", ResKANet, dims=(2,), task="classification",
+                   layers=_layers, block=_block,
+                   description=f"ResNet-{_depth} layout of residual KAN blocks ({_block})")

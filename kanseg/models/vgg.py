@@ -1,0 +1,123 @@
+"""VGG-KAN: the VGG backbones of torch-conv-kan (VGG11/13/16/19, v2/v3/v4), any KAN family."""
+from __future__ import annotations
+
+from math import prod
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import ConvFactory
+from .registry import register_model
+
+# 3x3 convs per stage for each depth, the stage widths, and the sixth stage of each version.
+_CONVS_PER_STAGE = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3),
+                    19: (2, 2, 4, 4, 4)}
+_STAGE_WIDTHS = (16, 32, 64, 128, 128)
+_EXTRA_STAGE = {"": (), "v2": (128, 128), "v3": (128, 256), "v4": (256, 256)}
+HEAD_TYPES = ("Linear", "VGG", None)
+
+
+def vgg_layout(vgg_type: str) -> list[int | str]:
+    """Layer list of ``vgg_type`` ("VGG11" ... "VGG19v4"): widths and "M" for 2x2 max-pools."""
+    for depth, convs in _CONVS_PER_STAGE.items():
+        for version, extra in _EXTRA_STAGE.items():
+            if vgg_type != f"VGG{depth}{version}":
+                continue
+            stages = [[w] * n for w, n in zip(_STAGE_WIDTHS, convs)]
+            if extra:
+                stages.append(list(extra))
+            layout: list[int | str] = []
+            for stage in stages:
+                layout += (["M"] if layout else []) + stage
+            return layout
+    raise ValueError(f"vgg_type must be one of {VGG_TYPES}, got {vgg_type!r}")
+
+
+VGG_TYPES = tuple(f"VGG{d}{v}" for d in _CONVS_PER_STAGE for v in _EXTRA_STAGE)
+
+
+class VGGKAN(nn.Module):
+    """VGG of 3x3 KAN convs (plain or bottleneck) with a classification head.
+
+    The layer order matches torch-conv-kan's ``features`` list (index ``i`` is the ``i``-th
+    entry of the layout), so its checkpoints map one to one (:mod:`.torch_conv_kan`).
+    ``forward_features`` returns one feature map per stage (the map before each max-pool and
+    the final one). The head pools to ``expected_feature_shape`` and applies ``head_type``:
+    "Linear" (dropout + linear), "VGG" (3-layer MLP) or None (``forward`` returns features).
+    ``groups`` applies to every conv but the first, as in torch-conv-kan.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        family: str = "kagn",
+        vgg_type: str = "VGG11",
+        head_type: str | None = "Linear",
+        expected_feature_shape: Sequence[int] = (7, 7),
+        width_scale: int = 1,
+        norm: str = "instance",
+        affine: bool = True,
+        bottleneck: bool = False,
+        dim_reduction: float = 8.0,
+        groups: int = 1,
+        dropout: float = 0.0,
+        dropout_linear: float = 0.25,
+        **family_options,
+    ):
+        super().__init__()
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+        layout = vgg_layout(vgg_type)
+        self.vgg_type = vgg_type
+        self.family = family
+        self.expected_feature_shape = tuple(expected_feature_shape)
+        conv = ConvFactory(family, 2, norm, bottleneck, dim_reduction,
+                           options={"affine": affine, **family_options})
+        self.features = nn.ModuleList()
+        self.feature_channels: list[int] = []
+        channels = in_channels
+        for item in layout:
+            if item == "M":
+                self.feature_channels.append(channels)
+                self.features.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            first = not self.features
+            extra = {} if first else {"groups": groups, "dropout": dropout}
+            self.features.append(conv(channels, item * width_scale, 3, **extra))
+            channels = item * width_scale
+        self.feature_channels.append(channels)
+        self.feature_strides = [2**i for i in range(len(self.feature_channels))]
+        self.avgpool = nn.AdaptiveAvgPool2d(self.expected_feature_shape)
+        flat = channels * prod(self.expected_feature_shape)
+        if head_type is None or num_classes == 0:
+            self.classifier = None
+        elif head_type == "Linear":
+            self.classifier = nn.Sequential(nn.Dropout(dropout_linear), nn.Linear(flat, num_classes))
+        else:
+            self.classifier = nn.Sequential(
+                nn.Linear(flat, 1024), nn.ReLU(True), nn.Dropout(dropout_linear),
+                nn.Linear(1024, 1024), nn.ReLU(True), nn.Dropout(dropout_linear),
+                nn.Linear(1024, num_classes),
+            )
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""
+        features = []
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):
+                features.append(x)
+            x = layer(x)
+        features.append(x)
+        return features
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.forward_features(x)[-1]
+        if self.classifier is None:
+            return x
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+register_model("vgg_kan", VGGKAN, dims=(2,), task="classification",
+               description="VGG of KAN convs (torch-conv-kan VGG11..19, v2/v3/v4)")
