@@ -43,7 +43,8 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int)
 def _bias_field(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth multiplicative scanner bias (about 1 +- 0.15): a product of random 1D ramps."""
     t = np.linspace(-1, 1, size, dtype=np.float32)
-    x, y, z = (1.0 + 0.08 * (a * t + b * t**2) for a, b in rng.uniform(-1, 1, (3, 2)))
+    coefficients = rng.uniform(-1, 1, (3, 2)).astype(np.float32)
+    x, y, z = (1.0 + 0.08 * (a * t + b * t**2) for a, b in coefficients)
     return x[:, None, None] * y[None, :, None] * z[None, None, :]
 
 
@@ -115,7 +116,8 @@ def synth_case(size: int = 96, seed: int = 0, layout: str = "brats2021"
         contrast = _CONTRAST[:, m] * rng.uniform(0.9, 1.1, len(_TISSUES)).astype(np.float32)
         volume = contrast[tissue] * texture * _bias_field(rng, size)
         volume += 0.04 * rng.standard_normal(shape, dtype=np.float32) * inside
-        images[name] = np.clip(volume * 1000.0, 0.0, None)
+        # integer-valued like scanner data (compresses well); stored as float32
+        images[name] = np.clip(np.round(volume * 1000.0), 0.0, None).astype(np.float32)
 
     return images, label, _affine(rng, size)
 
