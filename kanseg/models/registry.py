@@ -89,11 +89,17 @@ def _check_kwargs(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name`` with ``kwargs`` over its registered defaults."""
+    """Build the registered model ``name`` with ``kwargs`` over its registered defaults.
+
+    The model's ``model_config`` attribute records ``{"name": name, **arguments}`` (what
+    :func:`kanseg.models.io.save_model` writes as ``config.json``).
+    """
     spec = get_model_spec(name)
     merged = {**spec.defaults, **kwargs}
     _check_kwargs(spec, merged)
-    return spec.builder(**merged)
+    model = spec.builder(**merged)
+    model.model_config = {"name": name, **merged}
+    return model
 
 
 def count_parameters(name: str, **kwargs: Any) -> int:

@@ -1,0 +1,321 @@
+"""Import and export torch-conv-kan VGG-KAGN checkpoints (``config.json`` + ``model.safetensors``).
+
+torch-conv-kan keeps one module per group (``base_conv.{g}``, ``layer_norm.{g}``,
+``inner_proj.{g}``, ``out_proj.{g}``) and stacks the Gram basis degree-major inside a group
+(expanded channel ``d * in_g + c``); our layers keep one tensor per weight, channel-major
+(``c * n_basis + d``). This module maps between the two, strictly: a missing, unknown or
+wrongly shaped key is an error listing the offenders, never a partial load.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kanseg.layers import KANBottleneckConv, KANConv
+
+from .registry import create_model
+from .vgg import VGG_TYPES, VGGKAN
+
+#: config keys of torch-conv-kan's VGGKAGN / VGGKAGN_BN constructors
+_CONFIG_KEYS = {"input_channels", "num_classes", "groups", "degree", "dropout", "l1_decay",
+                "dropout_linear", "vgg_type", "head_type", "expected_feature_shape",
+                "width_scale", "affine", "last_attention", "sa_inner_projection"}
+_NORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class CheckpointError(ValueError):
+    """A torch-conv-kan checkpoint that does not match the model it describes."""
+
+
+# ----------------------------------------------------------------------------- layout maps
+def degree_major_to_channel_major(w: Tensor, n_basis: int) -> Tensor:
+    """(out, n_basis * in, *k) with index ``d * in + c`` -> (out, in * n_basis, *k), ``c * n + d``."""
+    out, expanded, *k = w.shape
+    return w.reshape(out, n_basis, expanded // n_basis, *k).transpose(1, 2).reshape(w.shape)
+
+
+def channel_major_to_degree_major(w: Tensor, n_basis: int) -> Tensor:
+    """Inverse of :func:`degree_major_to_channel_major`."""
+    out, expanded, *k = w.shape
+    return w.reshape(out, expanded // n_basis, n_basis, *k).transpose(1, 2).reshape(w.shape)
+
+
+def _layer_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
+    """One KAGN layer's tensors (their names, prefix removed) -> our state-dict names."""
+    core = layer.core if isinstance(layer, KANBottleneckConv) else layer
+    prefix = "core." if core is not layer else ""
+    n_basis = core.basis.n_basis
+    poly = theirs["poly_weights"]
+    ours = {
+        "base_weight": torch.cat([theirs[f"base_conv.{g}.weight"] for g in range(groups)]),
+        f"{prefix}basis_weight": torch.cat(
+            [degree_major_to_channel_major(poly[g], n_basis) for g in range(groups)]),
+        f"{prefix}basis.beta_weights": theirs["beta_weights"],
+    }
+    if prefix:
+        for proj in ("inner_proj", "out_proj"):
+            ours[f"{proj}.weight"] = torch.cat(
+                [theirs[f"{proj}.{g}.weight"] for g in range(groups)])
+    for name in _NORM_KEYS:
+        parts = [theirs[f"layer_norm.{g}.{name}"] for g in range(groups)
+                 if f"layer_norm.{g}.{name}" in theirs]
+        if parts:
+            ours[f"norm.{name}"] = parts[0] if name == "num_batches_tracked" else torch.cat(parts)
+    return ours
+
+
+def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
+    """Inverse of :func:`_layer_to_ours`."""
+    core = layer.core if isinstance(layer, KANBottleneckConv) else layer
+    prefix = "core." if core is not layer else ""
+    n_basis = core.basis.n_basis
+    theirs: dict[str, Tensor] = {}
+    for g, w in enumerate(ours["base_weight"].chunk(groups)):
+        theirs[f"base_conv.{g}.weight"] = w
+    theirs["poly_weights"] = torch.stack(
+        [channel_major_to_degree_major(w, n_basis)
+         for w in ours[f"{prefix}basis_weight"].chunk(groups)])
+    theirs["beta_weights"] = ours[f"{prefix}basis.beta_weights"]
+    if prefix:
+        for proj in ("inner_proj", "out_proj"):
+            for g, w in enumerate(ours[f"{proj}.weight"].chunk(groups)):
+                theirs[f"{proj}.{g}.weight"] = w
+    for name in _NORM_KEYS:
+        if f"norm.{name}" in ours:
+            value = ours[f"norm.{name}"]
+            for g in range(groups):
+                theirs[f"layer_norm.{g}.{name}"] = (
+                    value if name == "num_batches_tracked" else value.chunk(groups)[g])
+    return theirs
+
+
+def _kan_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The KAN convs of ``model.features`` by state-dict prefix (``features.<i>``)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (KANConv, KANBottleneckConv)) and name.startswith("features.")
+            and name.count(".") == 1}
+
+
+def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str, Tensor]:
+    """torch-conv-kan VGG state dict -> ``model``'s state dict. Strict: raises
+    :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
+    layers = _kan_layers(model)
+    by_layer: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
+    other: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        layer = ".".join(key.split(".")[:2])
+        if layer in by_layer:
+            by_layer[layer][key[len(layer) + 1:]] = value
+        else:
+            other[key] = value
+    target = model.state_dict()
+    missing: list[str] = []
+    unexpected: list[str] = []
+    shapes: list[str] = []
+    converted: dict[str, Tensor] = {}
+    for name, module in layers.items():
+        theirs = by_layer[name]
+        expected = set(_layer_to_theirs(module.state_dict(), module, module.groups))
+        missing += [f"{name}.{k}" for k in sorted(expected - set(theirs))]
+        unexpected += [f"{name}.{k}" for k in sorted(set(theirs) - expected)]
+        if not expected <= set(theirs):
+            continue
+        try:
+            mapped = _layer_to_ours(theirs, module, module.groups)
+        except RuntimeError as err:  # a tensor that cannot be regrouped: wrong shape
+            shapes.append(f"{name}: {err}")
+            continue
+        converted.update({f"{name}.{k}": v for k, v in mapped.items()})
+    in_layers = {k for k in target if ".".join(k.split(".")[:2]) in layers}
+    missing += sorted(set(target) - in_layers - set(other))
+    unexpected += sorted(set(other) - set(target))
+    converted.update({k: v for k, v in other.items() if k in target})
+    shapes += [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+               for k, v in converted.items() if v.shape != target[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            "torch-conv-kan checkpoint does not match the model built from its config:"
+            + (f"\n  missing keys: {missing}" if missing else "")
+            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+    return converted
+
+
+# ----------------------------------------------------------------------------- config
+def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool) -> VGGKAN:
+    """Our :class:`VGGKAN` for a torch-conv-kan ``config.json`` (VGGKAGN or VGGKAGN_BN)."""
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        raise CheckpointError(
+            f"config.json has keys {unknown} that a torch-conv-kan VGG-KAGN config does not; "
+            f"expected a subset of {sorted(_CONFIG_KEYS)}"
+        )
+    if config.get("last_attention"):
+        raise CheckpointError("config.json: last_attention=true (self-attention VGG) is not supported")
+    vgg_type = config.get("vgg_type", "VGG11")
+    if vgg_type not in VGG_TYPES:
+        raise CheckpointError(f"config.json: vgg_type must be one of {VGG_TYPES}, got {vgg_type!r}")
+    return create_model(
+        "vgg_kan",
+        in_channels=config["input_channels"],
+        num_classes=config["num_classes"],
+        family="kagn",
+        vgg_type=vgg_type,
+        head_type=config.get("head_type", "Linear"),
+        expected_feature_shape=tuple(config.get("expected_feature_shape", (7, 7))),
+        width_scale=config.get("width_scale", 1),
+        norm="batch" if batch_norm else "instance",
+        affine=config.get("affine", False),
+        bottleneck=bottleneck,
+        dim_reduction=8.0,
+        groups=config.get("groups", 1),
+        dropout=config.get("dropout", 0.0),
+        dropout_linear=config.get("dropout_linear", 0.25),
+        degree=config.get("degree", 3),
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
+            raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
+        return loaded
+    raise CheckpointError(f"{path}: expected a .safetensors, .pt or .pth state-dict file")
+
+
+def _resolve(path_or_repo_id: str | os.PathLike) -> tuple[dict[str, Any] | None, Path]:
+    """(config or None, weights file) for a folder, a state-dict file, or a hub repo id."""
+    path = Path(path_or_repo_id)
+    if path.is_file():
+        config_file = path.parent / "config.json"
+        return (json.loads(config_file.read_text()) if config_file.is_file() else None), path
+    if not path.is_dir():
+        if path.is_absolute() or str(path_or_repo_id).count("/") != 1:
+            raise FileNotFoundError(f"{path_or_repo_id}: no such checkpoint folder or file")
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(str(path_or_repo_id),
+                                      allow_patterns=["config.json", "*.safetensors"]))
+    weights = path / "model.safetensors"
+    config_file = path / "config.json"
+    for needed in (weights, config_file):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{path}: missing {needed.name} (torch-conv-kan checkpoint "
+                                    f"folders hold config.json and model.safetensors)")
+    return json.loads(config_file.read_text()), weights
+
+
+def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
+                        config: dict[str, Any] | None = None) -> VGGKAN:
+    """Build our VGG-KAN from a torch-conv-kan VGG-KAGN checkpoint and load its weights.
+
+    ``path_or_repo_id``: a folder with ``config.json`` + ``model.safetensors``, a bare state-dict
+    file (``.safetensors``, or ``.pt``/``.pth`` loaded with ``weights_only=True``; its config is
+    the ``config.json`` beside it or ``config``), or a HuggingFace hub repo id such as
+    ``brivangl/vgg_kagn11_v2``. BatchNorm is inferred from ``running_mean`` keys and bottleneck
+    layers from ``inner_proj``/``out_proj`` keys. Returns the model in eval mode.
+    """
+    found_config, weights = _resolve(path_or_repo_id)
+    config = config if config is not None else found_config
+    if config is None:
+        raise CheckpointError(f"{weights}: no config.json beside it; pass config=... "
+                              f"(torch-conv-kan constructor keyword arguments)")
+    state_dict = _read_state_dict(weights)
+    batch_norm = any(k.endswith("running_mean") for k in state_dict)
+    bottleneck = any(".inner_proj." in k or ".out_proj." in k for k in state_dict)
+    model = model_from_config(config, batch_norm, bottleneck)
+    try:
+        model.load_state_dict(convert_state_dict(state_dict, model), strict=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"{weights}: {err}") from None
+    return model.eval()
+
+
+def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
+    """The torch-conv-kan ``config.json`` describing ``model`` (built by ``create_model``)."""
+    config = getattr(model, "model_config", None)
+    if not isinstance(model, VGGKAN) or config is None or config.get("name") != "vgg_kan":
+        raise ValueError("save_torch_conv_kan needs a VGG-KAN built by "
+                         "create_model('vgg_kan', ...) or load_torch_conv_kan")
+    full = {**_defaults(VGGKAN), "degree": 3, **config}
+    extra = sorted(set(full) - _OUR_KEYS)
+    if extra:
+        raise ValueError(f"options {extra} have no torch-conv-kan equivalent")
+    if full["family"] != "kagn" or full["norm"] not in ("batch", "instance"):
+        raise ValueError("torch-conv-kan VGGs are kagn with batch or instance norm, got "
+                         f"family={full['family']!r}, norm={full['norm']!r}")
+    if full["bottleneck"] and full["dim_reduction"] != 8:
+        raise ValueError(f"torch-conv-kan bottleneck VGGs use dim_reduction=8, "
+                         f"got {full['dim_reduction']!r}")
+    return {
+        "input_channels": full["in_channels"], "num_classes": full["num_classes"],
+        "groups": full["groups"], "degree": full["degree"], "dropout": full["dropout"],
+        "l1_decay": 0, "dropout_linear": full["dropout_linear"], "vgg_type": full["vgg_type"],
+        "head_type": full["head_type"],
+        "expected_feature_shape": list(full["expected_feature_shape"]),
+        "width_scale": full["width_scale"], "affine": full["affine"], "last_attention": False,
+        "sa_inner_projection": None,
+    }
+
+
+_OUR_KEYS = {"name", "in_channels", "num_classes", "family", "vgg_type", "head_type",
+             "expected_feature_shape", "width_scale", "norm", "affine", "bottleneck",
+             "dim_reduction", "groups", "dropout", "dropout_linear", "degree"}
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls).parameters.values()
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
+    """Write ``model`` as a torch-conv-kan checkpoint folder (``config.json`` +
+    ``model.safetensors`` in their key layout), loadable by their ``from_pretrained`` and by
+    :func:`load_torch_conv_kan`. Files are written atomically."""
+    config = to_torch_conv_kan_config(model)
+    state = model.state_dict()
+    theirs: dict[str, Tensor] = {}
+    consumed: set[str] = set()
+    for name, module in _kan_layers(model).items():
+        local = {k: state[f"{name}.{k}"] for k in module.state_dict()}
+        consumed |= {f"{name}.{k}" for k in local}
+        mapped = _layer_to_theirs(local, module, module.groups)
+        theirs.update({f"{name}.{k}": v.contiguous() for k, v in mapped.items()})
+    theirs.update({k: v.contiguous() for k, v in state.items() if k not in consumed})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "model.safetensors",
+                  lambda tmp: save_file(theirs, tmp, metadata={"format": "pt"}))
+    _atomic_write(folder / "config.json",
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return folder
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "CheckpointError", "channel_major_to_degree_major", "convert_state_dict",
+    "degree_major_to_channel_major", "load_torch_conv_kan", "model_from_config",
+    "save_torch_conv_kan", "to_torch_conv_kan_config",
+]
