@@ -172,7 +172,7 @@ class Predictor:
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """Probabilities ``(K, *S)`` on the CPU for an image ``(C, *S)``."""
         batch = image.as_tensor() if isinstance(image, MetaTensor) else image
@@ -308,14 +308,15 @@ def predict_case(case: dict, transform: Any, inverter: Any,
                              f"an input of shape {tuple(image.shape)}: "
                              f"{str(err).splitlines()[0]}") from None
     data["pred"] = MetaTensor(probs, meta=image.meta)
-    probs = inverter(data)["pred"].as_tensor()
+    inverted = inverter(data)["pred"]
+    probs = inverted.as_tensor()
     expected = tuple(int(s) for s in image.meta["spatial_shape"])
     if tuple(probs.shape[1:]) != expected:
         raise InferenceError(f"case {case['id']}: inverted prediction has shape "
                              f"{tuple(probs.shape[1:])}, input has {expected}")
     if predictor.spec.activation == "softmax":  # crop padding: background where nothing else
-        probs[0] = 1.0 - probs[1:].sum(0)
-    return probs, np.asarray(image.meta["original_affine"], dtype=np.float64)
+        probs = torch.cat([1.0 - probs[1:].sum(0, keepdim=True), probs[1:]])
+    return probs, np.asarray(inverted.affine, dtype=np.float64)
 
 
 def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str | Path,
