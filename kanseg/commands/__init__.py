@@ -1,0 +1,1 @@
+"""Sub-commands of the ``kanseg`` CLI; each module has ``register(subparsers)``."""

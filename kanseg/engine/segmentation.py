@@ -1,0 +1,81 @@
+"""Segmentation training from a :class:`kanseg.config.Config` (what ``kanseg train`` runs)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..config import Config, check_model, save_config
+from ..data import build_loaders, input_channels, label_spec
+from ..data.layouts import DataError
+from ..schema import ConfigError
+from .losses import build_loss
+from .trainer import Trainer, TrainState, seed_everything, setup_logging
+from .validation import SegmentationValidator
+
+log = logging.getLogger("kanseg")
+
+
+def default_run_dir(config_path: str | Path, root: str | Path = "runs") -> Path:
+    """``runs/<config name>-<UTC timestamp>``."""
+    return Path(root) / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def check_data(cfg: Config) -> None:
+    """Run the data checks; raise :class:`DataError` listing every error, log the warnings."""
+    from ..data import check_dataset
+
+    report = check_dataset(cfg.data)
+    for warning in report.warnings:
+        log.warning("data: %s", warning)
+    if report.errors:
+        listing = "\n  ".join(str(e) for e in report.errors)
+        raise DataError(f"the dataset at {cfg.data.root!r} has {len(report.errors)} error(s); "
+                        f"fix them (see `kanseg data check`) before training:\n  {listing}")
+
+
+def resolve_channels(cfg: Config) -> None:
+    """Fill ``model.in_channels`` / ``out_channels`` from the data, or check they agree."""
+    spec = label_spec(cfg.data)
+    wanted = {"in_channels": input_channels(cfg.data), "out_channels": spec.out_channels,
+              "spatial_dims": cfg.data.spatial_dims}
+    for key, value in wanted.items():
+        given = cfg.model.kwargs.setdefault(key, value)
+        if given != value:
+            raise ConfigError(f"model.{key} is {given} but the data gives {value} "
+                              f"({spec.mode}: {', '.join(spec.names)})" if key == "out_channels"
+                              else f"model.{key} is {given} but the data gives {value}")
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = None,
+          check: bool = True) -> TrainState:
+    """Check the data, build loaders/model/loss/validator and train into ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, main=_is_main())
+    if check:
+        check_data(cfg)
+    resolve_channels(cfg)
+    check_model(cfg.model)
+    if _is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    spec = label_spec(cfg.data)
+    train_loader, val_loader = build_loaders(cfg.data)
+    model = cfg.model.build()
+    loss = build_loss(cfg.loss, overlapping_labels=spec.mode == "regions")
+    names = spec.names if spec.activation == "sigmoid" else spec.names[1:]
+    inf = cfg.inference
+    validator = SegmentationValidator(val_loader, names, spec.activation, cfg.roi_size,
+                                      inf.sw_batch_size, inf.overlap, inf.mode, inf.threshold)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("run folder %s: %s (%.2f M parameters), %d train / %d val cases", run_dir,
+             cfg.model.name, n_params / 1e6, len(train_loader.dataset), len(val_loader.dataset))
+    trainer = Trainer(model, loss, train_loader, cfg.trainer, run_dir, validate=validator)
+    return trainer.fit(resume=resume)
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
