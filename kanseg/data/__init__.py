@@ -1,5 +1,7 @@
 """Data: dataset layouts, MONAI pipelines, loaders, synthetic BraTS, checks and conversion."""
+from .check import CheckReport, Issue, check_dataset
 from .config import AugmentConfig, DataConfig
+from .convert import convert_to_nifti
 from .datasets import build_datasets, build_loaders, make_dataset
 from .layouts import (
     DataError,
@@ -13,7 +15,7 @@ from .layouts import (
 from .transforms import LabelsToRegionsd, build_transforms, prediction_inverter
 
 __all__ = [
-    "AugmentConfig", "DataConfig", "DataError", "LabelSpec", "LabelsToRegionsd",
+    "AugmentConfig", "CheckReport", "DataConfig", "Issue", "check_dataset", "convert_to_nifti", "DataError", "LabelSpec", "LabelsToRegionsd",
     "build_datasets", "build_loaders", "build_transforms", "input_channels", "label_spec",
     "load_cases", "make_dataset", "prediction_inverter", "split_cases", "test_cases",
 ]
