@@ -15,7 +15,8 @@ from .layouts import (
 from .transforms import LabelsToRegionsd, build_transforms, prediction_inverter
 
 __all__ = [
-    "AugmentConfig", "CheckReport", "DataConfig", "Issue", "check_dataset", "convert_to_nifti", "DataError", "LabelSpec", "LabelsToRegionsd",
-    "build_datasets", "build_loaders", "build_transforms", "input_channels", "label_spec",
-    "load_cases", "make_dataset", "prediction_inverter", "split_cases", "test_cases",
+    "AugmentConfig", "CheckReport", "DataConfig", "DataError", "Issue", "LabelSpec",
+    "LabelsToRegionsd", "build_datasets", "build_loaders", "build_transforms", "check_dataset",
+    "convert_to_nifti", "input_channels", "label_spec", "load_cases", "make_dataset",
+    "prediction_inverter", "split_cases", "test_cases",
 ]
