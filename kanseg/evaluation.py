@@ -256,12 +256,14 @@ def write_plots(rows: Sequence[dict], pairs: dict[str, CasePair], summary: dict,
     for kind, cases in (("worst", worst), ("best", best)):
         for rank, (case, dice) in enumerate(cases, 1):
             pair = pairs[case]
-            label = _as_labels(nib.load(str(pair.label)), pair.label)
+            label_img = nib.load(str(pair.label))
+            label = _as_labels(label_img, pair.label)
             pred = _as_labels(nib.load(str(pair.pred)), pair.pred)
             written.append(plots.overlay_plot(
                 label, pred, output / "overlays" / f"{kind}{rank}_{case}.png",
                 image=_overlay_image(pair.image, label.shape),
-                title=f"{case}: mean Dice {dice:.3f}"))
+                title=f"{case}: mean Dice {dice:.3f}",
+                spacing=label_img.header.get_zooms()[: label.ndim]))
     return written
 
 

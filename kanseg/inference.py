@@ -147,7 +147,8 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None,
 class Predictor:
     """Sliding-window (optionally flip-averaged) class/region probabilities for one image."""
 
-    def __init__(self, model: nn.Module, spec: LabelSpec, settings: InferenceSettings) -> None:
+    def __init__(self, model: nn.Module, spec: LabelSpec, settings: InferenceSettings,
+                 progress: bool = False) -> None:
         self.device = settings.torch_device
         self.model = model.to(self.device).eval()
         self.spec = spec
@@ -157,6 +158,7 @@ class Predictor:
         self.inferer = SlidingWindowInferer(
             roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size,
             overlap=settings.overlap, mode=settings.mode, sw_device=self.device, device="cpu",
+            progress=progress,
         )
 
     def _flips(self, spatial_dims: int) -> Iterator[tuple[int, ...]]:
@@ -330,10 +332,11 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
     spec = label_spec(cfg.data)
     transform = build_transforms(cfg.data, "infer")
     inverter = prediction_inverter(transform, nearest=False)
-    predictor = Predictor(model, spec, settings)
+    cases = list(cases)
+    # one case: show the windows' progress (BraTS-sized volumes take minutes on a CPU)
+    predictor = Predictor(model, spec, settings, progress=progress and len(cases) == 1)
     output = Path(output)
     written = []
-    cases = list(cases)
     for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
         probs, affine = predict_case(case, transform, inverter, predictor)
         reference = _first_file(case["image"])

@@ -70,12 +70,13 @@ def overlay_plot(
     image: np.ndarray | None = None,
     title: str = "",
     axis: int = -1,
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """Contours of ground truth (solid) and prediction (dashed) for each label value.
 
     ``label``/``pred`` are integer label maps of the same 2D or 3D shape; ``image`` (same
     spatial shape, optional) is the grey background. 3D volumes are shown at the slice along
-    ``axis`` with the most ground-truth foreground.
+    ``axis`` with the most ground-truth foreground. ``spacing`` (per axis) sets the aspect.
     """
     if label.shape != pred.shape or (image is not None and image.shape != label.shape):
         raise ValueError(
@@ -88,9 +89,12 @@ def overlay_plot(
         label, pred = take(label), take(pred)
         image = None if image is None else take(image)
         title = f"{title} (slice {index})".strip()
+        if spacing is not None:
+            spacing = [sp for i, sp in enumerate(spacing) if i != axis % 3]
     fig, ax = plt.subplots(figsize=(5, 5))
     background = np.zeros(label.shape) if image is None else image
-    ax.imshow(background.T, cmap="gray", origin="lower")
+    aspect = spacing[1] / spacing[0] if spacing is not None else 1.0
+    ax.imshow(background.T, cmap="gray", origin="lower", aspect=aspect)
     values = sorted((set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {0})
     for i, value in enumerate(values):
         color = _COLORS[i % len(_COLORS)]
