@@ -247,8 +247,8 @@ def write_plots(rows: Sequence[dict], pairs: dict[str, CasePair], summary: dict,
     if not scored:
         return []
     names = list(summary["labels"])
-    values = {m: {n: [r[m] for r in scored if r["label"] == n] for n in names}
-              for m in ("dice", "hd95")}
+    values = {title: {n: [r[m] for r in scored if r["label"] == n] for n in names}
+              for m, title in (("dice", "Dice"), ("hd95", "HD95 (mm)"))}
     written = [plots.box_plot(values, output / "boxplot.png", title="per-case metrics")]
     ranked = list(summary["case_mean_dice"].items())  # ascending mean Dice
     k = min(n_cases, max(1, len(ranked) // 2))
