@@ -65,10 +65,10 @@ def _tiny_unet(in_channels: int = 1, out_channels: int = 2) -> nn.Module:
 
 
 class ThresholdModel(nn.Module):
-    """Pointwise logits [0, x]: softmax picks class 1 exactly where the input is > 0."""
+    """Pointwise logits [0, x0]: softmax picks class 1 exactly where channel 0 is > 0."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x), x], dim=1)
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, :1]], dim=1)
 
 
 def test_infer_restores_non_ras_geometry_and_voxel_order(tmp_path):
@@ -89,6 +89,20 @@ def test_infer_restores_non_ras_geometry_and_voxel_order(tmp_path):
     expected = (raw > raw[raw > 0].mean()).astype(np.uint8)
     np.testing.assert_array_equal(np.asanyarray(pred.dataobj), expected)
     assert pred.get_data_dtype() == np.uint8
+
+
+def test_infer_4d_multichannel_input_writes_3d_label_map(tmp_path):
+    raw = _head((12, 10, 8), seed=3)
+    volume = np.stack([raw, raw[::-1]], axis=-1)  # MSD style: channels last in one 4D file
+    src = _save(tmp_path / "multi.nii.gz", volume, LPI_PERMUTED)
+    cfg = SimpleNamespace(data=_data_cfg(orientation="RAS", spacing=None))
+    out = run_inference(cfg, ThresholdModel(), list_input_cases(src, cfg.data), tmp_path / "out",
+                        _settings(), progress=False)
+    pred = nib.load(str(out[0]))
+    assert pred.shape == (12, 10, 8) and pred.header["dim"][0] == 3
+    np.testing.assert_allclose(pred.affine, LPI_PERMUTED)
+    expected = raw > raw[raw > 0].mean()  # channel 0 z-scored over its nonzero voxels
+    np.testing.assert_array_equal(np.asanyarray(pred.dataobj), expected)
 
 
 def test_infer_resampled_anisotropic_input_round_trips_geometry(tmp_path):
