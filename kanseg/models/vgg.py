@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .blocks import ConvFactory
+from .blocks import ConvFactory, check_bottom_size
 from .registry import register_model
 
 # 3x3 convs per stage for each depth, the stage widths, and the sixth stage of each version.
@@ -72,6 +72,7 @@ class VGGKAN(nn.Module):
         layout = vgg_layout(vgg_type)
         self.vgg_type = vgg_type
         self.family = family
+        self.norm = norm
         self.expected_feature_shape = tuple(expected_feature_shape)
         conv = ConvFactory(family, 2, norm, bottleneck, dim_reduction,
                            options={"affine": affine, **family_options})
@@ -104,6 +105,7 @@ class VGGKAN(nn.Module):
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""
+        check_bottom_size("VGGKAN", x.shape[2:], self.feature_strides[-1], self.norm)
         features = []
         for layer in self.features:
             if isinstance(layer, nn.MaxPool2d):
