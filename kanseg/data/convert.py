@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import SimpleITK as sitk
+from typing import TYPE_CHECKING
 
 from .layouts import NIFTI_SUFFIXES, DataError
+
+if TYPE_CHECKING:  # SimpleITK is imported when a conversion runs, not with kanseg.data
+    import SimpleITK as sitk
 
 
 def read_dicom_series(folder: str | Path, series_id: str | None = None) -> sitk.Image:
     """Read one DICOM series from ``folder`` (the only one, or the one named ``series_id``)."""
+    import SimpleITK as sitk
+
     folder = str(folder)
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not ids:
@@ -32,6 +36,8 @@ def read_dicom_series(folder: str | Path, series_id: str | None = None) -> sitk.
 
 def read_image(src: str | Path, series_id: str | None = None) -> sitk.Image:
     """Read a DICOM series folder or any single file SimpleITK can read (NRRD, MHA, NIfTI)."""
+    import SimpleITK as sitk
+
     path = Path(src)
     if path.is_dir():
         return read_dicom_series(path, series_id)
@@ -64,6 +70,8 @@ def convert_to_nifti(src: str | Path, dst: str | Path, series_id: str | None = N
     src, dst = Path(src), Path(dst)
     out = _output_path(src, dst)
     image = read_image(src, series_id)
+    import SimpleITK as sitk
+
     out.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if out.name.endswith(".nii.gz") else ".nii"
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{suffix}")
