@@ -288,6 +288,7 @@ def test_negative_degree_raises(family):
     (dict(norm="weird"), "norm"),
     (dict(activation="weird"), "activation"),
     (dict(dropout=1.5), "dropout"),
+    (dict(conv_strategy="fast"), "conv_strategy"),
     (dict(degree=2.5), "degree"),
     (dict(colour="red"), "colour"),
     (dict(family="wavkan", wavelet="haar"), "wavelet"),
@@ -384,3 +385,17 @@ def test_compile_every_basis_fullgraph_inductor(family):
     compiled = torch.compile(basis, fullgraph=True)
     x = torch.randn(2, 2, 5, 5)
     torch.testing.assert_close(compiled(x), basis(x))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_dense_block_diagonal_strategy_equals_grouped(dims):
+    """The block-diagonal dense execution gives the grouped layer's outputs and gradients."""
+    x = torch.randn((2, 6) + (5,) * dims, dtype=torch.float64, requires_grad=True)
+    results = []
+    for strategy in ("grouped", "dense", "auto"):
+        layer = make("kagn", dims=dims, cin=6, cout=9, groups=3, padding=1, stride=2, conv_strategy=strategy)
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+        results.append((y, grads))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0])

@@ -11,7 +11,8 @@ from .bottleneck import KANBottleneckConv
 from .conv import KANConv
 from .norm import create_norm
 
-_CONV_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute")
+_CONV_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
+                 "conv_strategy")
 
 
 def create_kan_conv(
@@ -32,9 +33,11 @@ def create_kan_conv(
     """Build a KAN convolution of any registered ``family`` in 1D, 2D or 3D.
 
     ``family_options`` holds the basis options (``degree``, ``grid_size``, ``wavelet``...) and
-    the layer options ``norm``, ``activation``, ``base_activation``, ``dropout``, ``affine``
-    and ``recompute``; layer options not given take the family's ``layer_defaults`` (torch-conv-kan's
-    choice of base activation, output norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1 squeeze / expand convs.
+    the layer options ``norm``, ``activation``, ``base_activation``, ``dropout``, ``affine``,
+    ``recompute`` and ``conv_strategy`` (``auto``/``grouped``/``dense``). Layer options not given
+    take the family's ``layer_defaults`` (torch-conv-kan's choice of base activation, output
+    norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1
+    squeeze / expand convs.
     """
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")

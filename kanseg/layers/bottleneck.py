@@ -45,6 +45,7 @@ class KANBottleneckConv(nn.Module):
         dropout: float = 0.0,
         affine: bool = True,
         recompute: bool = True,
+        conv_strategy: str = "auto",
     ):
         super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:
@@ -68,6 +69,7 @@ class KANBottleneckConv(nn.Module):
         self.core = KANConv(
             basis, spatial_dims, self.inner_channels, self.inner_channels, ks, stride, padding,
             dilation, groups, norm=None, activation=None, recompute=recompute, use_base=False,
+            conv_strategy=conv_strategy,
         )
         self.stride, self.padding, self.dilation = self.core.stride, self.core.padding, self.core.dilation
         self.base_activation = create_activation(base_activation)

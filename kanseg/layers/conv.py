@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from .basis import Basis
 from .norm import create_norm
+from .strategy import STRATEGIES, block_diagonal, conv_strategy
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DROPOUT = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
@@ -56,14 +57,15 @@ class _ExpandConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, layer: "KANConv", *basis_params: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, layer: "KANConv", groups: int,
+                *basis_params: Tensor) -> Tensor:
         with torch.no_grad():
             expanded = layer.expand(x)
-        ctx.layer = layer
+        ctx.layer, ctx.groups = layer, groups
         ctx.compute_dtype = _autocast_dtype(x) or torch.promote_types(expanded.dtype, weight.dtype)
         ctx.save_for_backward(x, weight, *basis_params)
         with torch.autocast(x.device.type, enabled=False):
-            return layer.conv(expanded.to(ctx.compute_dtype), weight.to(ctx.compute_dtype))
+            return layer.conv(expanded.to(ctx.compute_dtype), weight.to(ctx.compute_dtype), groups)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -71,7 +73,7 @@ class _ExpandConv(torch.autograd.Function):
         layer: KANConv = ctx.layer
         dtype = ctx.compute_dtype
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_p = [p.requires_grad and need for p, need in zip(params, ctx.needs_input_grad[3:])]
+        need_p = [p.requires_grad and need for p, need in zip(params, ctx.needs_input_grad[4:])]
         x_leaf = x.detach().requires_grad_(need_x)
         leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
         names = [name for name, _ in layer.basis.named_parameters()]
@@ -81,7 +83,7 @@ class _ExpandConv(torch.autograd.Function):
         grad_expanded, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), expanded.detach().to(dtype), weight.to(dtype), None,
             layer.stride, layer.padding, layer.dilation, False, [0] * layer.spatial_dims,
-            layer.groups, [need_x or any(need_p), need_w, False],
+            ctx.groups, [need_x or any(need_p), need_w, False],
         )
         inputs = ([x_leaf] if need_x else []) + [p for p, need in zip(leaves, need_p) if need]
         grads = list(torch.autograd.grad(expanded, inputs, grad_expanded.to(expanded.dtype),
@@ -90,7 +92,7 @@ class _ExpandConv(torch.autograd.Function):
         param_grads = [grads.pop(0) if need else None for need in need_p]
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return (grad_x, grad_weight, None, *param_grads)
+        return (grad_x, grad_weight, None, None, *param_grads)
 
 
 class KANConv(nn.Module):
@@ -114,6 +116,7 @@ class KANConv(nn.Module):
         affine: bool = True,
         recompute: bool = True,
         use_base: bool = True,
+        conv_strategy: str = "auto",
     ):
         super().__init__()
         if spatial_dims not in (1, 2, 3):
@@ -127,6 +130,8 @@ class KANConv(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if conv_strategy not in STRATEGIES:
+            raise ValueError(f"conv_strategy must be one of {STRATEGIES}, got {conv_strategy!r}")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -136,6 +141,7 @@ class KANConv(nn.Module):
         self.dilation = _ntuple(dilation, spatial_dims, "dilation")
         self.groups = groups
         self.recompute = recompute
+        self.conv_strategy = conv_strategy
         self.basis = basis
         has_base = use_base and basis.use_base
         self.base_activation = create_activation(base_activation) if has_base else None
@@ -174,10 +180,21 @@ class KANConv(nn.Module):
         """Expanded per-channel stack fed to the fused convolution."""
         return expand_with_base(x, self.basis(x), self.base_activation)
 
-    def conv(self, expanded: Tensor, weight: Tensor) -> Tensor:
+    def conv(self, expanded: Tensor, weight: Tensor, groups: int) -> Tensor:
         """The fused convolution (one call for all groups and both branches)."""
         fn = _CONV_FN[self.spatial_dims]
-        return fn(expanded, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return fn(expanded, weight, None, self.stride, self.padding, self.dilation, groups)
+
+    def conv_weight(self, x: Tensor) -> tuple[Tensor, int]:
+        """Fused weight and groups for the strategy (grouped or block-diagonal) chosen for ``x``."""
+        weight = self.fused_weight()
+        expanded_shape = (x.shape[0], self.in_channels * self.n_expanded) + tuple(x.shape[2:])
+        strategy = conv_strategy(self.conv_strategy, expanded_shape, tuple(weight.shape),
+                                 _autocast_dtype(x) or x.dtype, x.device,
+                                 (self.stride, self.padding, self.dilation), self.groups)
+        if strategy == "dense":
+            return block_diagonal(weight, self.groups), 1
+        return weight, self.groups
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
@@ -187,18 +204,19 @@ class KANConv(nn.Module):
             )
         if self.dropout is not None:
             x = self.dropout(x)
-        weight = self.fused_weight()
+        weight, groups = self.conv_weight(x)
         if self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
-            y = _ExpandConv.apply(x, weight, self, *self.basis.parameters())
+            y = _ExpandConv.apply(x, weight, self, groups, *self.basis.parameters())
         else:
-            y = self.conv(self.expand(x), weight)
+            y = self.conv(self.expand(x), weight, groups)
         return self.act(self.norm(y))
 
     def extra_repr(self) -> str:
         return (
             f"{self.basis.family}, {self.in_channels}, {self.out_channels}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-            f"dilation={self.dilation}, groups={self.groups}, recompute={self.recompute}"
+            f"dilation={self.dilation}, groups={self.groups}, recompute={self.recompute}, "
+            f"conv_strategy={self.conv_strategy!r}"
         )
 
 

@@ -1,0 +1,74 @@
+"""How a grouped convolution executes: one grouped call, or one dense call on a block-diagonal
+weight (oneDNN's grouped 3D convolutions on CPU can be several times slower than a dense one
+with ``groups`` times the arithmetic).
+
+``"auto"`` measures both once per (device, dtype, shapes, geometry) and caches the faster in a
+plain dict keyed by strings and ints.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+STRATEGIES = ("auto", "grouped", "dense")
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECISIONS: dict[tuple, str] = {}
+
+
+def block_diagonal(weight: Tensor, groups: int) -> Tensor:
+    """Dense ``(O, I, *k)`` weight equal to the grouped ``(O, I / groups, *k)`` one."""
+    out_ch, in_per_group, *k = weight.shape
+    blocks = weight.view(groups, out_ch // groups, 1, in_per_group, *k)
+    eye = torch.eye(groups, dtype=weight.dtype, device=weight.device)
+    mask = eye.view(groups, 1, groups, 1, *([1] * len(k)))
+    return (blocks * mask).reshape(out_ch, groups * in_per_group, *k)
+
+
+def _best_time(fn: Callable[[], None], repeats: int = 2) -> float:
+    fn()  # warm-up (oneDNN primitive creation)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _measure(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device, geometry: tuple, groups: int) -> str:
+    conv = _CONV_FN[len(input_shape) - 2]
+    x = torch.randn(input_shape, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.randn(weight_shape, dtype=dtype, device=device)
+
+    def run(w: Tensor, g: int) -> None:
+        conv(x, w.requires_grad_(), None, *geometry, g).sum().backward()
+
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        grouped = _best_time(lambda: run(weight.clone(), groups))
+        dense = _best_time(lambda: run(block_diagonal(weight, groups), 1))
+    return "dense" if dense < 0.9 * grouped else "grouped"
+
+
+def conv_strategy(requested: str, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+                  dtype: torch.dtype, device: torch.device, geometry: tuple, groups: int) -> str:
+    """``"grouped"`` or ``"dense"`` for convolving an input of ``input_shape`` with a grouped
+    weight of ``weight_shape``; ``geometry`` is ``(stride, padding, dilation)``.
+
+    ``"auto"`` chooses ``"grouped"`` off CPU, for ``groups == 1`` and while tracing or compiling
+    (unless that key was already measured).
+    """
+    if requested != "auto":
+        return requested
+    if groups == 1 or device.type != "cpu":
+        return "grouped"
+    key = (device.type, str(dtype), tuple(input_shape), tuple(weight_shape), *geometry, groups)
+    if key not in _DECISIONS:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return "grouped"
+        _DECISIONS[key] = _measure(tuple(input_shape), tuple(weight_shape), dtype, device,
+                                   geometry, groups)
+    return _DECISIONS[key]
