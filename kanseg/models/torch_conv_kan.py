@@ -292,8 +292,8 @@ def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
         local = {k: state[f"{name}.{k}"] for k in module.state_dict()}
         consumed |= {f"{name}.{k}" for k in local}
         mapped = _layer_to_theirs(local, module, module.groups)
-        theirs.update({f"{name}.{k}": v.contiguous() for k, v in mapped.items()})
-    theirs.update({k: v.contiguous() for k, v in state.items() if k not in consumed})
+        theirs.update({f"{name}.{k}": v.detach().clone() for k, v in mapped.items()})
+    theirs.update({k: v.detach().clone() for k, v in state.items() if k not in consumed})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "model.safetensors",
