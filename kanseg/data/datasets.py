@@ -20,7 +20,9 @@ def make_dataset(cases: list[dict], transform: Compose, cfg: DataConfig,
     under ``cache_dir/<subset>`` (hashed per case) and re-uses it across runs.
     """
     if cfg.cache == "memory":
-        return CacheDataset(cases, transform, cache_rate=1.0, num_workers=cfg.num_workers or None,
+        # one thread: MONAI image readers are not thread-safe (multi-file cases got loaded
+        # with a single channel now and then with a thread pool; MONAI issue #1025)
+        return CacheDataset(cases, transform, cache_rate=1.0, num_workers=1,
                             progress=len(cases) > 20)
     if cfg.cache == "disk":
         folder = Path(cfg.cache_dir or "") / subset

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import Config, check_model, save_config
 from ..data import build_loaders, input_channels, label_spec
+from ..data.check import check_dataset
 from ..data.layouts import DataError
 from ..schema import ConfigError
 from .losses import build_loss
@@ -23,9 +24,7 @@ def default_run_dir(config_path: str | Path, root: str | Path = "runs") -> Path:
 
 def check_data(cfg: Config) -> None:
     """Run the data checks; raise :class:`DataError` listing every error, log the warnings."""
-    from ..data import check_dataset
-
-    report = check_dataset(cfg.data)
+    report = check_dataset(cfg.data, progress=_is_main())
     for warning in report.warnings:
         log.warning("data: %s", warning)
     if report.errors:
