@@ -102,6 +102,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def resolved_config(model: nn.Module) -> dict[str, Any]:
+    """``model.model_config`` completed with the builder's defaults for arguments not given."""
+    config = getattr(model, "model_config", None)
+    if not config:
+        raise ValueError("the model was not built by kanseg.models.create_model")
+    params = inspect.signature(get_model_spec(config["name"]).builder).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    return {**defaults, **config}
+
+
 def count_parameters(name: str, **kwargs: Any) -> int:
     """Parameter count of ``create_model(name, **kwargs)``, built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -111,5 +121,5 @@ def count_parameters(name: str, **kwargs: Any) -> int:
 
 __all__ = [
     "ModelSpec", "count_parameters", "create_model", "family_option_names", "get_model_spec",
-    "list_models", "register_model",
+    "list_models", "register_model", "resolved_config",
 ]

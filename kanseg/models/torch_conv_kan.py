@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from kanseg.layers import KANBottleneckConv, KANConv
 
+from .io import atomic_write
 from .registry import create_model
 from .vgg import VGG_TYPES, VGGKAN
 
@@ -296,22 +296,11 @@ def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
     theirs.update({k: v.detach().clone() for k, v in state.items() if k not in consumed})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "model.safetensors",
+    atomic_write(folder / "model.safetensors",
                   lambda tmp: save_file(theirs, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / "config.json",
+    atomic_write(folder / "config.json",
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
     return folder
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [

@@ -1,0 +1,84 @@
+"""Save / load our models as a folder: ``config.json`` (registry name + kwargs) and
+``model.safetensors``. Never unpickles; files are written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .registry import create_model
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``target``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write ``model`` (built by :func:`create_model`) to ``folder``; returns the folder."""
+    config = getattr(model, "model_config", None)
+    if not config:
+        raise ValueError("save_model needs a model built by kanseg.models.create_model "
+                         "(it records the name and arguments in model.model_config)")
+    text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON arguments
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous()
+               for k, v in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(text))
+    return folder
+
+
+def load_model(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild the model saved by :func:`save_model` and load its weights (strict), eval mode."""
+    folder = Path(folder)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: missing {name} (a saved model folder holds "
+                                    f"{CONFIG} and {WEIGHTS})")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CONFIG}: invalid JSON ({err})") from None
+    if not isinstance(config, dict) or "name" not in config:
+        raise ValueError(f"{folder / CONFIG}: expected an object with a 'name' key")
+    config = dict(config)
+    model = create_model(config.pop("name"), **config)
+    try:
+        state = load_file(folder / WEIGHTS)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{folder / WEIGHTS}: cannot read ({err})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                    for k, v in state.items() if k in expected and v.shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{folder / WEIGHTS} does not match the model of {CONFIG}:"
+            + (f"\n  missing keys: {missing}" if missing else "")
+            + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatches: {shapes}" if shapes else "")
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+__all__ = ["CONFIG", "WEIGHTS", "atomic_write", "load_model", "save_model"]
