@@ -399,3 +399,9 @@ def test_dense_block_diagonal_strategy_equals_grouped(dims):
         results.append((y, grads))
     for other in results[1:]:
         torch.testing.assert_close(other, results[0])
+
+
+def test_gradcheck_learnable_base_activation_with_recompute():
+    """Parameters of the base activation (PReLU) get gradients through the recompute path."""
+    layer = make("kagn", dims=1, cin=2, cout=2, padding=1, base_activation="prelu", recompute=True)
+    _gradcheck_layer(layer, torch.randn(2, 2, 5, dtype=torch.float64, requires_grad=True))

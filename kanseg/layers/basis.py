@@ -29,7 +29,8 @@ def register_basis(name: str) -> Callable[[type["Basis"]], type["Basis"]]:
 
 
 class Basis(nn.Module):
-    """Base class: subclasses set ``n_basis`` and implement ``forward``.
+    """Base class: subclasses set ``n_basis`` and implement ``forward`` (one stacked tensor) or
+    ``terms`` (the list of basis functions, for recurrences; saves a copy in the layer).
 
     ``in_channels`` is the number of channels the basis sees (used by families with
     per-channel parameters and for initialisation scales).
@@ -44,8 +45,13 @@ class Basis(nn.Module):
     #: layer options this family uses unless the caller sets them (torch-conv-kan's choices)
     layer_defaults: dict[str, Any] = {}
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, *S)`` -> ``(B, C, n_basis, *S)``."""
+        return torch.stack(self.terms(x), dim=2)
+
+    def terms(self, x: Tensor) -> list[Tensor]:
+        """The ``n_basis`` basis functions of ``x``, each shaped like ``x``."""
+        return list(self(x).unbind(2))
 
 
 def _check_degree(degree: int, name: str = "degree") -> int:
@@ -104,7 +110,7 @@ class GramBasis(Basis):
         const = (m + n) * (m - n) * n**2 / (m**2 / (4.0 * n**2 - 1.0))
         return const.to(self.beta_weights) * self.beta_weights
 
-    def forward(self, x: Tensor) -> Tensor:
+    def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.tanh(x)
         polys = [torch.ones_like(t)]
         if self.degree >= 1:
@@ -112,7 +118,7 @@ class GramBasis(Basis):
         coeff = self.recurrence_coefficients()
         for i in range(2, self.degree + 1):
             polys.append(t * polys[-1] - coeff[i - 1] * polys[-2])
-        return F.silu(torch.stack(polys, dim=2))
+        return [F.silu(p) for p in polys]
 
 
 @register_basis("kaln")
@@ -131,14 +137,14 @@ class LegendreBasis(Basis):
         self.n_basis = degree + 1
         self.in_channels = in_channels
 
-    def forward(self, x: Tensor) -> Tensor:
+    def terms(self, x: Tensor) -> list[Tensor]:
         s = _group_minmax(x, self.in_channels)
         polys = [torch.ones_like(s)]
         if self.degree >= 1:
             polys.append(s)
         for n in range(1, self.degree):
             polys.append(((2 * n + 1) * s * polys[-1] - n * polys[-2]) / (n + 1))
-        return torch.stack(polys, dim=2)
+        return polys
 
 
 @register_basis("kacn")
@@ -158,14 +164,14 @@ class ChebyshevBasis(Basis):
         self.degree = _check_degree(degree)
         self.n_basis = degree + 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.tanh(x)
         polys = [torch.ones_like(t)]
         if self.degree >= 1:
             polys.append(t)
         for _ in range(2, self.degree + 1):
             polys.append(2.0 * t * polys[-1] - polys[-2])
-        return torch.stack(polys, dim=2)
+        return polys
 
 
 @register_basis("kajn")
@@ -194,7 +200,7 @@ class JacobiBasis(Basis):
         return (s * (s - 1) * (s - 2) / denom, (s - 1) * (a * a - b * b) / denom,
                 2 * (n + a - 1) * (n + b - 1) * s / denom)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.tanh(x)
         polys = [torch.ones_like(t)]
         if self.degree >= 1:
@@ -203,7 +209,7 @@ class JacobiBasis(Basis):
         for n in range(2, self.degree + 1):
             ca, cb, cc = self.step_coefficients(n)
             polys.append((ca * t + cb) * polys[-1] - cc * polys[-2])
-        return torch.stack(polys, dim=2)
+        return polys
 
 
 @register_basis("kabn")
@@ -222,7 +228,7 @@ class BernsteinBasis(Basis):
         self.degree = _check_degree(degree)
         self.n_basis = degree + 1
 
-    def forward(self, x: Tensor) -> Tensor:
+    def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.sigmoid(x)
         s = torch.sigmoid(-x)  # 1 - t without cancellation
         t_pows, s_pows = [torch.ones_like(t)], [torch.ones_like(t)]
@@ -230,9 +236,7 @@ class BernsteinBasis(Basis):
             t_pows.append(t_pows[-1] * t)
             s_pows.append(s_pows[-1] * s)
         n = self.degree
-        return torch.stack(
-            [math.comb(n, k) * t_pows[k] * s_pows[n - k] for k in range(n + 1)], dim=2
-        )
+        return [math.comb(n, k) * t_pows[k] * s_pows[n - k] for k in range(n + 1)]
 
 
 @register_basis("fastkan")

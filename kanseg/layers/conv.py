@@ -35,11 +35,24 @@ def _ntuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     return value
 
 
-def expand_with_base(x: Tensor, expanded: Tensor, base_activation: nn.Module | None) -> Tensor:
-    """Per-channel stack ``[base_act(x), expanded...]`` flattened to ``(B, C*(n+1), *S)``."""
+def expand_with_base(x: Tensor, terms: list[Tensor], base_activation: nn.Module | None) -> Tensor:
+    """Per-channel stack ``[base_act(x), *terms]`` flattened to ``(B, C*(n+1), *S)``."""
     if base_activation is not None:
-        expanded = torch.cat([base_activation(x).unsqueeze(2), expanded], dim=2)
-    return expanded.flatten(1, 2)
+        terms = [base_activation(x), *terms]
+    return torch.stack(terms, dim=2).flatten(1, 2)
+
+
+class _Expansion(nn.Module):
+    """A layer's expansion ``x -> [base_act(x), *basis.terms(x)]`` as a module of its own, so
+    that :func:`torch.func.functional_call` can run it with given parameter tensors."""
+
+    def __init__(self, basis: Basis, base_activation: nn.Module | None):
+        super().__init__()
+        self.basis = basis
+        self.base_activation = base_activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return expand_with_base(x, self.basis.terms(x), self.base_activation)
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -51,19 +64,19 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 class _ExpandConv(torch.autograd.Function):
     """conv(expand(x), w) that saves only ``x`` and ``w`` and recomputes ``expand(x)`` in backward.
 
-    The basis parameters are passed as inputs so that the backward recomputes with the very
+    The expansion's parameters are passed as inputs so that the backward recomputes with the very
     tensors used in forward (also under ``torch.func.functional_call``). Under autocast the
     convolution runs in the autocast dtype in both passes.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, layer: "KANConv", groups: int,
-                *basis_params: Tensor) -> Tensor:
+                *expansion_params: Tensor) -> Tensor:
         with torch.no_grad():
             expanded = layer.expand(x)
         ctx.layer, ctx.groups = layer, groups
         ctx.compute_dtype = _autocast_dtype(x) or torch.promote_types(expanded.dtype, weight.dtype)
-        ctx.save_for_backward(x, weight, *basis_params)
+        ctx.save_for_backward(x, weight, *expansion_params)
         with torch.autocast(x.device.type, enabled=False):
             return layer.conv(expanded.to(ctx.compute_dtype), weight.to(ctx.compute_dtype), groups)
 
@@ -76,10 +89,10 @@ class _ExpandConv(torch.autograd.Function):
         need_p = [p.requires_grad and need for p, need in zip(params, ctx.needs_input_grad[4:])]
         x_leaf = x.detach().requires_grad_(need_x)
         leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
-        names = [name for name, _ in layer.basis.named_parameters()]
+        expansion = _Expansion(layer.basis, layer.base_activation)
+        names = [name for name, _ in expansion.named_parameters()]
         with torch.enable_grad():
-            expanded = functional_call(layer.basis, dict(zip(names, leaves)), (x_leaf,))
-            expanded = expand_with_base(x_leaf, expanded, layer.base_activation)
+            expanded = functional_call(expansion, dict(zip(names, leaves)), (x_leaf,))
         grad_expanded, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), expanded.detach().to(dtype), weight.to(dtype), None,
             layer.stride, layer.padding, layer.dilation, False, [0] * layer.spatial_dims,
@@ -178,7 +191,7 @@ class KANConv(nn.Module):
 
     def expand(self, x: Tensor) -> Tensor:
         """Expanded per-channel stack fed to the fused convolution."""
-        return expand_with_base(x, self.basis(x), self.base_activation)
+        return _Expansion(self.basis, self.base_activation)(x)
 
     def conv(self, expanded: Tensor, weight: Tensor, groups: int) -> Tensor:
         """The fused convolution (one call for all groups and both branches)."""
@@ -206,7 +219,8 @@ class KANConv(nn.Module):
             x = self.dropout(x)
         weight, groups = self.conv_weight(x)
         if self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
-            y = _ExpandConv.apply(x, weight, self, groups, *self.basis.parameters())
+            params = _Expansion(self.basis, self.base_activation).parameters()
+            y = _ExpandConv.apply(x, weight, self, groups, *params)
         else:
             y = self.conv(self.expand(x), weight, groups)
         return self.act(self.norm(y))

@@ -1,0 +1,157 @@
+"""Benchmark the KAN convolution core: forward + backward time and saved-for-backward bytes.
+
+For every family, 2D and 3D, groups 1 and 4, each layer is timed against baselines measured in
+the same run, round-robin so that load from other processes hits all of them alike:
+
+* ``plain``: ConvNd + InstanceNorm + SiLU with the same channels;
+* ``floor``: one ConvNd over ``in * n_expanded`` channels (``in * (degree + 2)`` for KAGN) on a
+  precomputed input that requires grad: the arithmetic floor of a fused KAN layer;
+* ``tck``: torch-conv-kan's KAGNConv2DLayer / KAGNConv3DLayer (KAGN rows only), imported at run
+  time from a copy exported outside this repository; the column is skipped when it is absent.
+
+Run ``python benchmarks/layers.py --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kanseg.layers import BASIS_REGISTRY, create_kan_conv
+
+DEFAULT_TCK = Path("/work/.mirror/IvanDrokin+torch-conv-kan/repo")
+CASES = {2: dict(batch=8, channels=32, size=64), 3: dict(batch=2, channels=16, size=32)}
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def load_torch_conv_kan(source: Path | None):
+    """Import torch-conv-kan's ``kagn_conv`` from a checkout or git dir, exported to a temp dir."""
+    if source is None or not source.exists():
+        return None
+    if (source / "kan_convs" / "kagn_conv.py").exists():
+        folder = source / "kan_convs"
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="tck-")) / "kan_convs"
+        archive = subprocess.run(["git", "-C", str(source), "archive", "HEAD", "kan_convs"],
+                                 capture_output=True, check=False)
+        if archive.returncode:
+            return None
+        subprocess.run(["tar", "-x", "-C", str(folder.parent)], input=archive.stdout, check=True)
+    sys.path.insert(0, str(folder))
+    import kagn_conv  # noqa: PLC0415 - imported from the exported copy at run time
+
+    return kagn_conv
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while running ``fn``."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of ``module`` on ``x``."""
+
+    def run() -> None:
+        module(x).sum().backward()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return run
+
+
+def candidates(dims: int, groups: int, families: list[str], tck) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Modules to time and the input each runs on."""
+    case = CASES[dims]
+    channels, shape = case["channels"], (case["batch"], case["channels"]) + (case["size"],) * dims
+    x = torch.randn(shape, requires_grad=True)
+    runs: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    runs["plain"] = (nn.Sequential(CONV[dims](channels, channels, 3, padding=1, groups=groups, bias=False),
+                                   NORM[dims](channels, affine=True), nn.SiLU()), x)
+    for family in families:
+        layer = create_kan_conv(family, dims, channels, channels, 3, padding=1, groups=groups)
+        runs[family] = (layer, x)
+        width = channels * layer.n_expanded
+        if f"floor{width}" not in runs:
+            floor_x = torch.randn((shape[0], width) + shape[2:], requires_grad=True)
+            runs[f"floor{width}"] = (CONV[dims](width, channels, 3, padding=1, groups=groups, bias=False),
+                                     floor_x)
+    if tck is not None and "kagn" in families:
+        cls = tck.KAGNConv2DLayer if dims == 2 else tck.KAGNConv3DLayer
+        runs["tck"] = (cls(channels, channels, 3, degree=3, padding=1, groups=groups), x)
+    return runs
+
+
+def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int, label: str) -> dict[str, float]:
+    """Median seconds of forward + backward per candidate, timed round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for module, x in runs.values():
+        step(module, x)()  # warm-up: oneDNN primitives, conv strategy choice
+    for _ in tqdm(range(repeats), desc=label, leave=False):
+        for name, (module, x) in runs.items():
+            start = time.perf_counter()
+            step(module, x)()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="KAGN only, 3 repeats (the targets)")
+    parser.add_argument("--families", nargs="+", choices=sorted(BASIS_REGISTRY), help="families to time")
+    parser.add_argument("--dims", nargs="+", type=int, choices=(2, 3), default=[2, 3])
+    parser.add_argument("--groups", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--repeats", type=int, help="timed runs per candidate (median); default 5, 3 with --quick")
+    parser.add_argument("--tck", type=Path, default=DEFAULT_TCK,
+                        help="torch-conv-kan checkout or git dir (column skipped if absent)")
+    args = parser.parse_args(argv)
+    families = args.families or (["kagn"] if args.quick else list(BASIS_REGISTRY))
+    repeats = args.repeats or (3 if args.quick else 5)
+    tck = load_torch_conv_kan(args.tck)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={repeats}, "
+          f"torch-conv-kan: {'yes' if tck else 'absent'}")
+    header = ("| family | dims | groups | fwd+bwd ms | x plain | x floor | x tck | saved / input |\n"
+              "|---|---|---|---|---|---|---|---|")
+    rows = []
+    for dims in args.dims:
+        for groups in args.groups:
+            runs = candidates(dims, groups, families, tck)
+            times = measure(runs, repeats, f"{dims}D groups={groups}")
+            input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
+            for name in [*families, "tck", "plain"]:
+                if name not in runs:
+                    continue
+                module, x = runs[name]
+                floor = times.get(f"floor{x.shape[1] * module.n_expanded}") if name in families else None
+                tck_time = times.get("tck") if name == "kagn" else None
+                saved = saved_bytes(lambda: module(x)) / input_bytes
+                rows.append(
+                    f"| {name} | {dims} | {groups} | {1e3 * times[name]:.0f} | "
+                    f"{times[name] / times['plain']:.2f} | "
+                    f"{f'{times[name] / floor:.2f}' if floor else '-'} | "
+                    f"{f'{times[name] / tck_time:.2f}' if tck_time else '-'} | {saved:.1f} |"
+                )
+    print(header)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
