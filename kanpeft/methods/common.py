@@ -109,12 +109,16 @@ def kan_preactivation(layer: KANConv, x: Tensor, base_weight: Tensor | None,
     with any of the weights or the basis module replaced. ``basis_params`` overrides the basis
     module's parameters (``torch.func.functional_call``)."""
 
+    def conv(inp: Tensor, weight: Tensor) -> Tensor:
+        return _CONV_FN[layer.spatial_dims](inp, weight, None, layer.stride, layer.padding,
+                                            layer.dilation, layer.groups)
+
     def branches(inp: Tensor) -> Tensor:
         expanded = (functional_call(basis, basis_params, (inp,)) if basis_params
                     else basis(inp)).flatten(1, 2)
-        y = layer.conv(expanded, basis_weight)
+        y = conv(expanded, basis_weight)
         if base_weight is not None:
-            y = y + layer.conv(layer.base_activation(inp), base_weight)
+            y = y + conv(layer.base_activation(inp), base_weight)
         return y
 
     if layer.recompute and torch.is_grad_enabled():

@@ -1,0 +1,131 @@
+"""``kanpeft`` command line: finetune | merge | methods (thin: calls :mod:`kanpeft.tasks`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+DESCRIPTION = """\
+Parameter-efficient fine-tuning of pretrained KAN backbones (VGG-KAN / ResKANet, e.g. a
+torch-conv-kan checkpoint such as brivangl/vgg_kagn_bn11_v4 or a local checkpoint folder).
+
+methods:
+  basis    trainable deltas on the basis weights of chosen degrees (+ new zero-initialised
+           degrees, + deltas of the basis shape parameters); polynomial families
+  scales   IA3/SSF-style per-channel / per-degree scales and a post-norm shift (tiny)
+  lora     HF peft LoRA on the fused KAN conv weights (peft's own save/load/merge)
+  full, head  baselines: train everything / only the new head (or decoder)
+
+commands:
+  finetune   fine-tune a backbone on a classification or segmentation task from a YAML config
+  merge      fold a saved adapter into its backbone and write the plain model
+  methods    list the methods with their trainable-parameter counts for a backbone
+"""
+
+EPILOG = """\
+examples:
+  kanpeft finetune --config configs/peft_pneumonia.yaml --set peft.method=lora
+  kanpeft merge --adapter runs/peft_pneumonia/adapter --output runs/peft_pneumonia/merged
+  kanpeft methods --backbone runs/backbones/vgg_kagn11_ct --num-classes 2
+
+Set KANPEFT_DEBUG=1 to see full tracebacks instead of short error messages.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kanpeft", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    ft = sub.add_parser("finetune", help="fine-tune from a YAML config", formatter_class=fmt,
+                        description="Load the pretrained backbone, add the new head (or U-Net "
+                        "decoder), attach the method, train with the shared Accelerate trainer, "
+                        "evaluate and write results.json plus the adapter to the run folder.",
+                        epilog="example:\n  kanpeft finetune --config configs/peft_pneumonia.yaml "
+                        "--set peft.method=scales --set trainer.max_epochs=2")
+    ft.add_argument("--config", required=True, help="YAML config (see configs/peft_*.yaml)")
+    ft.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. peft.method=lora or "
+                    "peft.options={r: 8}; repeatable")
+    ft.add_argument("--output", help="run folder (default: the config's output_dir)")
+
+    mg = sub.add_parser("merge", help="merge an adapter into its backbone", formatter_class=fmt,
+                        description="Rebuild the fine-tuned model (from finetune.yaml beside the "
+                        "adapter, or the bare --backbone), load the adapter, fold it into plain "
+                        "KAN layers (extra degrees become a higher degree) and write the model.",
+                        epilog="example:\n  kanpeft merge --adapter runs/peft/adapter "
+                        "--output runs/peft/merged")
+    mg.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + "
+                    "adapter_model.safetensors)")
+    mg.add_argument("--backbone", help="backbone checkpoint folder or hub id (overrides the "
+                    "one recorded in finetune.yaml)")
+    mg.add_argument("--output", required=True, help="folder for the merged model")
+
+    me = sub.add_parser("methods", help="list methods with trainable-parameter counts",
+                        formatter_class=fmt,
+                        description="Build a classifier from the backbone with a new head and "
+                        "count the trainable parameters of every method with default options.",
+                        epilog="example:\n  kanpeft methods --backbone brivangl/vgg_kagn11_v2")
+    me.add_argument("--backbone", required=True, help="checkpoint folder or hub id")
+    me.add_argument("--num-classes", type=int, default=2, help="classes of the new head")
+    me.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .tasks import finetune, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    results = finetune(cfg, args.output)
+    keys = [k for k in results if k.startswith(("test_", "val_"))]
+    print(f"{results['method']}: {results['trainable']:,} trainable of {results['total']:,} "
+          f"({results['ratio']:.2%}); " + ", ".join(f"{k} {results[k]:.4f}" for k in keys)
+          + f"; {results['wall_s']} s, peak {results['peak_mem_mb']} MB")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .tasks import merge_adapter
+
+    out = merge_adapter(args.adapter, args.output, args.backbone)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from .tasks import method_table
+
+    rows = method_table(args.backbone, args.num_classes)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'method':<8} {'trainable':>11} {'share':>8}  description")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['method']:<8} {'-':>11} {'-':>8}  not applicable: {row['error']}")
+        else:
+            print(f"{row['method']:<8} {row['trainable']:>11,} {row['ratio']:>8.2%}  {row['summary']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    command = {"finetune": _finetune, "merge": _merge, "methods": _methods}[args.command]
+    try:
+        return command(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        if os.environ.get("KANPEFT_DEBUG"):
+            raise
+        print(f"kanpeft {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
