@@ -67,6 +67,8 @@ def test_brats_modality_subset_and_missing_root(tmp_path):
     assert input_channels(cfg) == 2
     with pytest.raises(DataError, match="does not exist"):
         load_cases(make_cfg(root=str(tmp_path / "nope"), layout="brats2021"))
+    with pytest.raises(DataError, match=r"brats2021 root is not set \(data.root\)"):
+        load_cases(make_cfg(layout="brats2021"))
 
 
 def write_msd(root, n=3, channels=2):

@@ -74,10 +74,12 @@ def _stem(path: Path) -> str:
 
 
 def _require_dir(root: str | Path, what: str) -> Path:
-    root = Path(root).expanduser()
-    if not str(root) or not root.is_dir():
-        raise DataError(f"{what}: folder {str(root)!r} does not exist")
-    return root.resolve()
+    if not str(root).strip():
+        raise DataError(f"{what} is not set (data.root)")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{what}: folder {str(path)!r} does not exist")
+    return path.resolve()
 
 
 def brats_cases(root: str | Path, layout: str, modalities: list[str] | None = None) -> list[dict]:
