@@ -134,7 +134,7 @@ class Trainer:
         setup_logging(self.run_dir, self.acc.is_main_process)
         self.validate, self.split_batch = validate, split_batch
         self.loss_fn = loss_fn.to(self.acc.device) if isinstance(loss_fn, nn.Module) else loss_fn
-        loader, self.sampler = make_resumable(train_loader, cfg.seed)
+        loader, _ = make_resumable(train_loader, cfg.seed)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -185,8 +185,8 @@ class Trainer:
     def _train_epoch(self) -> bool:
         """Run (the rest of) the current epoch; False when the time budget ran out."""
         st, acc, cfg = self.state, self.acc, self.cfg
-        self.sampler.set_epoch(st.epoch)
         loader = acc.skip_first_batches(self.loader, st.batch) if st.batch else self.loader
+        loader.set_epoch(st.epoch)  # Accelerate loaders pass their epoch on to our sampler
         self.model.train()
         bar = tqdm(total=len(self.loader), initial=st.batch, disable=not acc.is_main_process,
                    desc=f"epoch {st.epoch + 1}/{cfg.max_epochs}", unit="batch", leave=False,
