@@ -43,7 +43,8 @@ def test_brats_layout_loads_four_modalities_and_regions(tmp_path, layout, labels
     cases = load_cases(cfg)
     assert [len(c["image"]) for c in cases] == [4, 4]
     sep = "_" if layout == "brats2021" else "-"
-    assert cases[0]["image"][1].endswith(f"{cases[0]['id']}{sep}{'t1ce' if sep == '_' else 't1c'}.nii.gz")
+    t1ce = "t1ce" if layout == "brats2021" else "t1c"
+    assert cases[0]["image"][1].endswith(f"{cases[0]['id']}{sep}{t1ce}.nii.gz")
     raw = nib.load(cases[0]["label"]).get_fdata()
     assert set(np.unique(raw).astype(int)) == labels
     data = build_transforms(cfg, "val")(cases[0])

@@ -122,12 +122,14 @@ def _check_geometry(report: CheckReport, path: Path, vol: _Volume, ref: _Volume 
                                       f"{ref.spatial_shape} of {ref_path.name}")
         elif vol.affine is not None and ref.affine is not None and \
                 not np.allclose(vol.affine, ref.affine, atol=1e-3, rtol=1e-4):
+            diff = np.abs(vol.affine - ref.affine).max()
             report.add("error", path, f"affine does not match {ref_path.name} "
-                                      f"(max difference {np.abs(vol.affine - ref.affine).max():.4g})")
+                                      f"(max difference {diff:.4g})")
     if vol.affine is not None and ref is None:
         spacing = _spacing(vol.affine)
         lo, hi = SPACING_RANGE_MM
-        if spacing.min() < lo or spacing.max() > hi or spacing.max() / spacing.min() > MAX_ANISOTROPY:
+        anisotropy = spacing.max() / spacing.min()
+        if spacing.min() < lo or spacing.max() > hi or anisotropy > MAX_ANISOTROPY:
             report.add("warning", path, f"unusual voxel spacing {np.round(spacing, 3).tolist()} mm")
 
 
