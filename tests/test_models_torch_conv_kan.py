@@ -247,3 +247,31 @@ def test_shared_fixtures_are_reproduced(name):
         logits = model(expected["input"])
     assert (features - expected["features"]).abs().max() <= 1e-4
     assert (logits - expected["logits"]).abs().max() <= 1e-4
+
+
+def test_hub_repo_id_resolves_through_the_huggingface_cache(tmp_path):
+    """A repo id goes through huggingface_hub.snapshot_download (here offline, from a cache
+    laid out as the hub client writes it)."""
+    import os
+    import subprocess
+    import sys
+
+    sd = their_state_dict("VGG11", 3, 4, 1, 2, False, False)
+    snapshot = tmp_path / "hub" / "models--someone--vgg_kagn_tiny" / "snapshots" / ("a" * 40)
+    write_folder(snapshot, sd, their_config("VGG11", 3, 4, 1, 2))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    code = ("import json, torch; from kanseg.models import load_torch_conv_kan as load\n"
+            "try:\n    load('someone/absent')\nexcept ValueError as err:\n    print(err)\n"
+            "m = load('someone/vgg_kagn_tiny'); torch.manual_seed(0)\n"
+            "print(json.dumps(m(torch.randn(1, 3, 32, 32)).tolist()))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.strip().splitlines()
+    assert "downloading it from the HuggingFace hub failed" in lines[0]
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    _, expected = reference_vgg(sd, x, "VGG11", 1, 2, False, False)
+    torch.testing.assert_close(torch.tensor(json.loads(lines[-1])), expected, atol=1e-4,
+                               rtol=1e-4)

@@ -206,8 +206,13 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> tuple[dict[str, Any] | None,
             raise FileNotFoundError(f"{path_or_repo_id}: no such checkpoint folder or file")
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(path_or_repo_id),
-                                      allow_patterns=["config.json", "*.safetensors"]))
+        try:
+            path = Path(snapshot_download(str(path_or_repo_id),
+                                          allow_patterns=["config.json", "*.safetensors"]))
+        except Exception as err:  # offline, unknown repo, gated repo...
+            raise CheckpointError(
+                f"{path_or_repo_id!r} is not a local folder or file, and downloading it from "
+                f"the HuggingFace hub failed: {type(err).__name__}: {err}") from None
     weights = path / "model.safetensors"
     config_file = path / "config.json"
     for needed in (weights, config_file):
