@@ -80,6 +80,13 @@ def test_ukanet_shapes_odd_sizes(family, options, spatial_dims):
     assert model(torch.randn(1, 2, *size)).shape == (1, 3, *size)
 
 
+@pytest.mark.parametrize("name", ["ukanet", "u2kanet_small"])
+def test_segmentation_networks_in_1d(name):
+    size = {"depth": 2, "width": 4} if name == "ukanet" else {"width_scale": 0.125}
+    model = create_model(name, spatial_dims=1, in_channels=2, out_channels=3, degree=1, **size)
+    assert model(torch.randn(2, 2, 37)).shape == (2, 3, 37)
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_ukanet_deep_supervision_train_and_eval(spatial_dims):
     size = (10, 12, 9)[:spatial_dims]

@@ -56,9 +56,11 @@ def test_vgg_bottleneck_layers_groups_and_heads(family, options):
     assert model.classifier[0].in_features == 128 * 4
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     plain = create_model("vgg_kan", family=family, **options)
-    assert all(isinstance(m, KANConv) for m in plain.features if not isinstance(m, torch.nn.MaxPool2d))
+    assert all(isinstance(m, KANConv) for m in plain.features
+               if not isinstance(m, torch.nn.MaxPool2d))
     headless = create_model("vgg_kan", head_type=None, **({"family": family} | options))
-    assert headless.classifier is None and headless(torch.randn(1, 3, 32, 32)).shape == (1, 128, 2, 2)
+    assert headless.classifier is None
+    assert headless(torch.randn(1, 3, 32, 32)).shape == (1, 128, 2, 2)
 
 
 @pytest.mark.parametrize("name,channels", [("reskanet18", [4, 4, 8, 16, 32]),

@@ -125,7 +125,8 @@ class RSUBlock(nn.Module):
             [conv(out_channels if i == 0 else mid_channels, mid_channels, 3, dilation=d)
              for i, d in enumerate(dil)]
         )
-        self.bottom = conv(mid_channels, mid_channels, 3, dilation=2 ** (height - 1) if dilated else 2)
+        bottom_dilation = 2 ** (height - 1) if dilated else 2
+        self.bottom = conv(mid_channels, mid_channels, 3, dilation=bottom_dilation)
         self.decoder = nn.ModuleList(
             [conv(2 * mid_channels, out_channels if i == 0 else mid_channels, 3, dilation=d)
              for i, d in enumerate(dil)][::-1]
@@ -180,6 +181,6 @@ def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 __all__ = [
-    "BLOCK_KINDS", "ConvFactory", "KANResBlock", "RSUBlock", "check_bottom_size", "crop_to", "pad_to_multiple",
-    "res_stage", "resize_to",
+    "BLOCK_KINDS", "ConvFactory", "KANResBlock", "RSUBlock", "check_bottom_size", "crop_to",
+    "pad_to_multiple", "res_stage", "resize_to",
 ]

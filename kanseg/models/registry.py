@@ -54,7 +54,7 @@ def list_models() -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` registered under ``name`` (ValueError naming the choices if unknown)."""
+    """The :class:`ModelSpec` registered under ``name`` (ValueError listing the choices)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return _MODELS[name]

@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- layout maps
 def degree_major_to_channel_major(w: Tensor, n_basis: int) -> Tensor:
-    """(out, n_basis * in, *k) with index ``d * in + c`` -> (out, in * n_basis, *k), ``c * n + d``."""
+    """(out, n_basis * in, *k), index ``d * in + c`` -> (out, in * n_basis, *k), ``c * n + d``."""
     out, expanded, *k = w.shape
     return w.reshape(out, n_basis, expanded // n_basis, *k).transpose(1, 2).reshape(w.shape)
 
@@ -160,7 +160,8 @@ def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool
             f"expected a subset of {sorted(_CONFIG_KEYS)}"
         )
     if config.get("last_attention"):
-        raise CheckpointError("config.json: last_attention=true (self-attention VGG) is not supported")
+        raise CheckpointError(
+            "config.json: last_attention=true (self-attention VGG) is not supported")
     vgg_type = config.get("vgg_type", "VGG11")
     if vgg_type not in VGG_TYPES:
         raise CheckpointError(f"config.json: vgg_type must be one of {VGG_TYPES}, got {vgg_type!r}")

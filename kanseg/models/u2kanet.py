@@ -61,7 +61,8 @@ class U2KANet(nn.Module):
 
         def scaled(spec):
             height, mid, out, dilated = spec
-            return height, max(1, round(mid * width_scale)), max(1, round(out * width_scale)), dilated
+            mid, out = (max(1, round(c * width_scale)) for c in (mid, out))
+            return height, mid, out, dilated
 
         enc = [scaled(s) for s in VARIANTS[variant]["encoder"]]
         dec = [scaled(s) for s in VARIANTS[variant]["decoder"]]

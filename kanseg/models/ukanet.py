@@ -15,9 +15,10 @@ class UKANet(nn.Module):
     """U-Net with residual KAN blocks in encoder and decoder.
 
     Stage ``i`` has ``width * width_scale * 2**i`` channels; ``depth`` stride-2 stages follow the
-    full-resolution one, so inputs are zero-padded to a multiple of ``2**depth`` and the output is
-    cropped back. With ``deep_supervision``, training-mode forward returns a list of logits
-    ``[full-res, 1/2, 1/4, ...]`` (``supervision_levels`` in all); eval mode returns the tensor.
+    first one, so inputs are zero-padded to a multiple of ``stem_stride * 2**depth`` and the
+    output is cropped back. With ``deep_supervision``, training-mode forward returns a list of
+    logits ``[full-res, 1/2, 1/4, ...]`` (``supervision_levels`` in all); eval mode returns the
+    full-resolution tensor.
     ``plain_stem`` replaces the first KAN conv by a plain conv + norm + activation.
     ``stem_stride=2`` runs the whole U-Net at half resolution and upsamples the logits with a
     learned transposed conv: about 8x less compute in 3D (the fast setting for CPU training).

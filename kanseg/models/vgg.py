@@ -95,7 +95,8 @@ class VGGKAN(nn.Module):
         if head_type is None or num_classes == 0:
             self.classifier = None
         elif head_type == "Linear":
-            self.classifier = nn.Sequential(nn.Dropout(dropout_linear), nn.Linear(flat, num_classes))
+            self.classifier = nn.Sequential(nn.Dropout(dropout_linear),
+                                            nn.Linear(flat, num_classes))
         else:
             self.classifier = nn.Sequential(
                 nn.Linear(flat, 1024), nn.ReLU(True), nn.Dropout(dropout_linear),
