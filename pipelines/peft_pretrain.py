@@ -30,7 +30,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "total
 #: class -> TotalSegmentator "total" label values (0: body tissue without organ label)
 CLASSES = {"background": [0], "spleen": [1], "kidney": [2, 3], "liver": [5], "stomach": [6]}
 BACKBONE = dict(in_channels=1, num_classes=len(CLASSES) + 1, family="kagn", vgg_type="VGG11",
-                expected_feature_shape=(1, 1), width_scale=1, norm="instance", degree=3)
+                expected_feature_shape=(1, 1), width_scale=1, norm="batch", degree=3)
 
 
 def ct_patches(size: int = 32, per_class: int = 300, seed: int = 0, val_every: int = 5,

@@ -11,7 +11,7 @@ from torch import nn
 
 import kanpeft
 from kanpeft.methods.tuner import AdapterLayer
-from kanseg.layers import BASIS_REGISTRY, KANBottleneckConv, KANConv, create_kan_conv
+from kanseg.layers import BASIS_REGISTRY, KANConv, create_kan_conv
 
 FAMILIES = sorted(BASIS_REGISTRY)
 POLYNOMIAL = [f for f in FAMILIES

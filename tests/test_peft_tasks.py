@@ -13,8 +13,7 @@ from PIL import Image
 
 import kanpeft
 from kanpeft.cli import main
-from kanpeft.tasks import (FinetuneConfig, build_task, classification_split, finetune,
-                           load_config, merge_adapter)
+from kanpeft.tasks import FinetuneConfig, build_task, classification_split, finetune, load_config
 from kanseg.models import create_model
 from kanseg.models.torch_conv_kan import load_torch_conv_kan, save_torch_conv_kan
 from kanseg.schema import ConfigError
@@ -106,7 +105,8 @@ def test_segmentation_finetune(backbone, tmp_path):
         image = (mask // 2 + rng.integers(0, 60, size=(32, 32))).astype(np.uint8)
         Image.fromarray(image).save(tmp_path / "data" / "images" / f"case{i}.png")
         Image.fromarray(mask).save(tmp_path / "data" / "masks" / f"case{i}.png")
-    raw = yaml.safe_load(Path("configs/peft_cxr_lung.yaml").read_text())
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "peft_cxr_lung.yaml"
+    raw = yaml.safe_load(config_file.read_text())
     raw["backbone"] = str(backbone)
     raw["peft"] = {"method": "lora", "options": {"r": 2}}
     data = raw["segmentation"]["data"]

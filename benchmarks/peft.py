@@ -1,0 +1,86 @@
+"""kanpeft evidence: full fine-tuning, head-only and the three PEFT methods from one pretrained
+backbone, same budget and seed, on PneumoniaMNIST (classification) and the chest X-ray lungs
+(segmentation, U-Net with the backbone as encoder).
+
+Each run is ``kanpeft finetune`` in its own process (so that peak memory is per run); the
+table (trainable parameters and share, accuracy/AUC or Dice, wall time, peak RSS) is printed
+and written to ``runs/bench_peft/results.md`` plus ``results.json``. The pretrained backbone
+(``pipelines/peft_pretrain.py``) is built first when missing.
+
+    .venv/bin/python benchmarks/peft.py                  # both tasks, all rows (~30-60 min, 2 CPUs)
+    .venv/bin/python benchmarks/peft.py --tasks pneumonia --methods scales lora
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"pneumonia": ROOT / "configs" / "peft_pneumonia.yaml",
+         "cxr_lung": ROOT / "configs" / "peft_cxr_lung.yaml"}
+#: method -> (options, learning rate); the budget (data, epochs, seed) is the same for all.
+#: Adapters start at the identity and are small, so they take larger steps than full FT.
+METHODS = {"full": ({}, 2e-3), "head": ({}, 1e-2),
+           "basis": ({"degrees": [3], "extra_degrees": 0}, 2e-3),
+           "scales": ({}, 1e-2), "lora": ({"r": 4, "alpha": 8.0}, 5e-3)}
+METRICS = {"pneumonia": [("test_accuracy", "accuracy"), ("test_auc", "AUC")],
+           "cxr_lung": [("val_dice_mean", "Dice")]}
+
+
+def run(task: str, method: str, out: Path, backbone: Path, extra: list[str]) -> dict:
+    """One fine-tuning run in a subprocess; returns its results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "kanpeft.cli", "finetune", "--config", str(TASKS[task]),
+           "--output", str(out), "--set", f"backbone={backbone}",
+           "--set", f"peft.method={method}", "--set", f"peft.options={json.dumps(METHODS[method][0])}",
+           "--set", f"trainer.lr={METHODS[method][1]}",
+           *[a for item in extra for a in ("--set", item)]]
+    print(f"[{task}] {method}: {' '.join(cmd[3:])}", flush=True)
+    with open(out / "stdout.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return json.loads((out / "results.json").read_text())
+
+
+def table(task: str, rows: list[dict]) -> str:
+    full = next((r for r in rows if r["method"] == "full"), None)
+    names = METRICS[task]
+    head = ["method", "trainable", "share of full FT", "lr"] + [n for _, n in names] + \
+        ["wall time (s)", "peak RSS (MB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        share = f"{r['trainable'] / full['trainable']:.2%}" if full else "-"
+        metrics = [f"{r[k]:.4f}" for k, _ in names]
+        lr = r["config"]["trainer"]["lr"]
+        lines.append("| " + " | ".join([r["method"], f"{r['trainable']:,}", share, f"{lr:g}", *metrics,
+                                         f"{r['wall_s']:.0f}", f"{r['peak_mem_mb']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--backbone", type=Path, default=ROOT / "runs/backbones/vgg_kagn11_ct")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/bench_peft")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every run, e.g. trainer.max_epochs=1")
+    args = parser.parse_args()
+    if not (args.backbone / "config.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "pipelines/peft_pretrain.py"),
+                        "--out", str(args.backbone)], check=True, cwd=ROOT)
+    results = {}
+    for task in args.tasks:
+        results[task] = [run(task, m, args.out / task / m, args.backbone, args.extra)
+                         for m in args.methods]
+    text = "\n\n".join(f"### {task}\n\n{table(task, rows)}" for task, rows in results.items())
+    print(text)
+    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
