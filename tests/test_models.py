@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kanseg.models import count_parameters, create_model, get_model_spec, list_models
+from kanseg.models import (
+    count_parameters, create_model, get_model_spec, list_models, register_model,
+)
 from kanseg.models.blocks import ConvFactory, KANResBlock, RSUBlock, crop_to, pad_to_multiple
 
 REQUIRED = {"ukanet", "u2kanet", "u2kanet_small", "vgg_kan", "reskanet18", "reskanet34",
@@ -25,6 +27,22 @@ def test_registry_names_and_errors():
         create_model("ukanet", spatial_dims=4)
     with pytest.raises(ValueError, match="family must be one of"):
         create_model("ukanet", family="nope")
+
+
+def test_register_model_decorator():
+    @register_model("test_tiny_linear", dims=(1,), task="classification", out_features=3)
+    def tiny(in_features: int = 2, out_features: int = 1) -> torch.nn.Module:
+        """A linear layer (test model)."""
+        return torch.nn.Linear(in_features, out_features)
+
+    model = create_model("test_tiny_linear", in_features=5)
+    assert model.out_features == 3 and model.model_config == {
+        "name": "test_tiny_linear", "in_features": 5, "out_features": 3}
+    assert get_model_spec("test_tiny_linear").description == "A linear layer (test model)."
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("test_tiny_linear", tiny)
+    with pytest.raises(ValueError, match="bias"):
+        create_model("test_tiny_linear", bias=False)
 
 
 def test_count_parameters_matches_a_real_build():
