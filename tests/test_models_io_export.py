@@ -111,3 +111,24 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", str(folder), "--output", str(tmp_path / "m.pt"),
                  "--input-size", "8", "8"]) == 1
     assert "needs 3 sizes" in capsys.readouterr().err
+
+
+def test_export_command_from_a_run_folder(tmp_path, capsys):
+    """A training run folder: config.yaml + checkpoints/best/model.safetensors."""
+    model = create_model("ukanet", spatial_dims=3, in_channels=4, out_channels=3, depth=2,
+                         width=4, degree=1)
+    (tmp_path / "checkpoints" / "best").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              tmp_path / "checkpoints" / "best" / "model.safetensors")
+    (tmp_path / "config.yaml").write_text(
+        f"data: {{root: {tmp_path}, layout: brats2021, spatial_dims: 3, "
+        "patch_size: [12, 16, 16]}\n"
+        "model: {name: ukanet, spatial_dims: 3, in_channels: 4, out_channels: 3, depth: 2, "
+        "width: 4, degree: 1}\n"
+        "loss: {name: dice_bce}\n")
+    out = tmp_path / "m.pt"
+    assert main(["export", str(tmp_path), "--output", str(out)]) == 0
+    assert "input (1, 4, 12, 16, 16)" in capsys.readouterr().out
+    example = torch.randn(1, 4, 12, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(out))(example), model.eval()(example))

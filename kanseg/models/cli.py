@@ -106,7 +106,7 @@ def _load_source(args: argparse.Namespace):
     from kanseg.inference import load_run
 
     cfg, model = load_run(args.source, args.config)
-    return model, cfg.inference.roi_size or cfg.data.patch_size
+    return model, cfg.roi_size
 
 
 def run_export(args: argparse.Namespace) -> int:
