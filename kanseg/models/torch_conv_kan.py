@@ -130,7 +130,7 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str
             continue
         try:
             mapped = _layer_to_ours(theirs, module, module.groups)
-        except RuntimeError as err:  # a tensor that cannot be regrouped: wrong shape
+        except (RuntimeError, IndexError) as err:  # a tensor that cannot be regrouped
             shapes.append(f"{name}: {err}")
             continue
         converted.update({f"{name}.{k}": v for k, v in mapped.items()})
