@@ -11,7 +11,7 @@ from ..data.check import check_dataset
 from ..data.layouts import DataError
 from ..schema import ConfigError
 from .losses import build_loss
-from .trainer import Trainer, TrainState, seed_everything, setup_logging
+from .trainer import Trainer, TrainState, process_state, seed_everything, setup_logging
 from .validation import SegmentationValidator
 
 log = logging.getLogger("kanseg")
@@ -75,6 +75,4 @@ def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = None,
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast, set_seed
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -72,6 +72,12 @@ def default_split(batch: Any) -> tuple[Any, Any]:
     return plain(x), plain(y)
 
 
+def process_state() -> PartialState:
+    """Accelerate's process state; without CUDA, processes started by ``torchrun`` /
+    ``accelerate launch`` join a CPU (gloo) process group."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(cfg: TrainerConfig, run_dir: Path) -> Accelerator:
     """Accelerator for ``cfg``: precision (fp16 falls back to fp32 without CUDA), grad
     accumulation, TensorBoard (and wandb) trackers writing under ``run_dir``."""
@@ -86,7 +92,8 @@ def make_accelerator(cfg: TrainerConfig, run_dir: Path) -> Accelerator:
         except ImportError:
             raise ValueError("trainer.wandb=true needs wandb: pip install 'kanseg[wandb]'") from None
         trackers.append("wandb")
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+    process_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                        log_with=trackers, project_dir=str(run_dir), rng_types=[],
                        step_scheduler_with_optimizer=False)
 
