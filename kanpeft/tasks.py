@@ -49,7 +49,7 @@ class ClassificationData:
     image_size: Optional[int] = None   # resize to a square side; null keeps the size
     batch_size: int = 64
     num_workers: int = 0
-    max_train: Optional[int] = None    # use only the first N training images (CPU-small runs)
+    max_train: Optional[int] = None    # a fixed random subset of N training images (CPU-small)
 
 
 @dataclass
@@ -216,7 +216,8 @@ def classification_split(cfg: ClassificationData, split: str) -> TensorDataset |
                                       align_corners=False)
     y = torch.from_numpy(labels.astype(np.int64))
     if split == "train" and cfg.max_train:
-        x, y = x[: cfg.max_train], y[: cfg.max_train]
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[: cfg.max_train]
+        x, y = x[keep], y[keep]
     return TensorDataset(x, y)
 
 

@@ -92,6 +92,8 @@ def test_image_folder_dataset(tmp_path):
     assert ds.tensors[1].tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.allclose(ds.tensors[0][3:].mean(), torch.tensor(150 / 255))
     assert classification_split(cfg, "test") is None
+    cfg.max_train = 4  # a random subset, not the first (sorted) images
+    assert set(classification_split(cfg, "train").tensors[1].tolist()) == {0, 1}
 
 
 def test_segmentation_finetune(backbone, tmp_path):
