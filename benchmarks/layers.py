@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kanseg.layers import BASIS_REGISTRY, create_kan_conv
+from kanseg.layers import BASIS_REGISTRY, KANConv, create_kan_conv
 
 DEFAULT_TCK = Path("/work/.mirror/IvanDrokin+torch-conv-kan/repo")
 CASES = {2: dict(batch=8, channels=32, size=64), 3: dict(batch=2, channels=16, size=32)}
@@ -93,14 +93,18 @@ def candidates(dims: int, groups: int, families: list[str], tck) -> dict[str, tu
             floor_x = torch.randn((shape[0], width) + shape[2:], requires_grad=True)
             runs[f"floor{width}"] = (CONV[dims](width, channels, 3, padding=1, groups=groups, bias=False),
                                      floor_x)
+    if "kagn" in families:
+        runs["kagn recompute=False"] = (create_kan_conv("kagn", dims, channels, channels, 3, padding=1,
+                                                        groups=groups, recompute=False), x)
     if tck is not None and "kagn" in families:
         cls = tck.KAGNConv2DLayer if dims == 2 else tck.KAGNConv3DLayer
         runs["tck"] = (cls(channels, channels, 3, degree=3, padding=1, groups=groups), x)
     return runs
 
 
-def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int, label: str) -> dict[str, float]:
-    """Median seconds of forward + backward per candidate, timed round-robin."""
+def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int,
+            label: str) -> dict[str, list[float]]:
+    """Seconds of forward + backward per candidate and round, timed round-robin."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for module, x in runs.values():
         step(module, x)()  # warm-up: oneDNN primitives, conv strategy choice
@@ -109,7 +113,15 @@ def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int, label
             start = time.perf_counter()
             step(module, x)()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str, baseline: str | None) -> str:
+    """Median over rounds of ``name``'s time over ``baseline``'s in the same round (robust to
+    load that changes between rounds), or ``-``."""
+    if baseline not in times:
+        return "-"
+    return f"{statistics.median(a / b for a, b in zip(times[name], times[baseline])):.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,18 +148,16 @@ def main(argv: list[str] | None = None) -> None:
             runs = candidates(dims, groups, families, tck)
             times = measure(runs, repeats, f"{dims}D groups={groups}")
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
-            for name in [*families, "tck", "plain"]:
+            for name in [*families, "kagn recompute=False", "tck", "plain"]:
                 if name not in runs:
                     continue
                 module, x = runs[name]
-                floor = times.get(f"floor{x.shape[1] * module.n_expanded}") if name in families else None
-                tck_time = times.get("tck") if name == "kagn" else None
+                floor = f"floor{x.shape[1] * module.n_expanded}" if isinstance(module, KANConv) else None
                 saved = saved_bytes(lambda: module(x)) / input_bytes
                 rows.append(
-                    f"| {name} | {dims} | {groups} | {1e3 * times[name]:.0f} | "
-                    f"{times[name] / times['plain']:.2f} | "
-                    f"{f'{times[name] / floor:.2f}' if floor else '-'} | "
-                    f"{f'{times[name] / tck_time:.2f}' if tck_time else '-'} | {saved:.1f} |"
+                    f"| {name} | {dims} | {groups} | {1e3 * statistics.median(times[name]):.0f} | "
+                    f"{ratio(times, name, 'plain')} | {ratio(times, name, floor)} | "
+                    f"{ratio(times, name, 'tck' if name.startswith('kagn') else None)} | {saved:.1f} |"
                 )
     print(header)
     print("\n".join(rows))

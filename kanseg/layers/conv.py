@@ -191,7 +191,13 @@ class KANConv(nn.Module):
 
     def expand(self, x: Tensor) -> Tensor:
         """Expanded per-channel stack fed to the fused convolution."""
-        return _Expansion(self.basis, self.base_activation)(x)
+        return expand_with_base(x, self.basis.terms(x), self.base_activation)
+
+    def expansion_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the expansion (basis, then base activation), as :class:`_Expansion`
+        orders them."""
+        base = [] if self.base_activation is None else list(self.base_activation.parameters())
+        return list(self.basis.parameters()) + base
 
     def conv(self, expanded: Tensor, weight: Tensor, groups: int) -> Tensor:
         """The fused convolution (one call for all groups and both branches)."""
@@ -219,8 +225,7 @@ class KANConv(nn.Module):
             x = self.dropout(x)
         weight, groups = self.conv_weight(x)
         if self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
-            params = _Expansion(self.basis, self.base_activation).parameters()
-            y = _ExpandConv.apply(x, weight, self, groups, *params)
+            y = _ExpandConv.apply(x, weight, self, groups, *self.expansion_parameters())
         else:
             y = self.conv(self.expand(x), weight, groups)
         return self.act(self.norm(y))

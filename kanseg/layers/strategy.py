@@ -28,13 +28,16 @@ def block_diagonal(weight: Tensor, groups: int) -> Tensor:
     return (blocks * mask).reshape(out_ch, groups * in_per_group, *k)
 
 
-def _best_time(fn: Callable[[], None], repeats: int = 2) -> float:
-    fn()  # warm-up (oneDNN primitive creation)
-    best = float("inf")
+def _best_times(fns: list[Callable[[], None]], repeats: int = 3) -> list[float]:
+    """Best wall time of each function, run round-robin after one warm-up call each."""
+    for fn in fns:
+        fn()  # warm-up (oneDNN primitive creation)
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -48,8 +51,8 @@ def _measure(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], dtype:
         conv(x, w.requires_grad_(), None, *geometry, g).sum().backward()
 
     with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        grouped = _best_time(lambda: run(weight.clone(), groups))
-        dense = _best_time(lambda: run(block_diagonal(weight, groups), 1))
+        grouped, dense = _best_times([lambda: run(weight.clone(), groups),
+                                      lambda: run(block_diagonal(weight, groups), 1)])
     return "dense" if dense < 0.9 * grouped else "grouped"
 
 
