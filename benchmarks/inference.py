@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model (median)")
     p.add_argument("--quick", action="store_true", help="1 timed run and no warm-up")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tta", action="store_true",
+                   help="use the config's flip TTA (x8 cost in 3D); off by default")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--only", nargs="+", help="time only these models")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -78,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, validate_model=False)
     spec = label_spec(cfg.data)
     in_ch = cfg.model.kwargs.get("in_channels") or input_channels(cfg.data)
-    settings = settings_from_config(cfg, device=args.device)
+    settings = settings_from_config(cfg, device=args.device, tta_flips=args.tta)
     repeats = 1 if args.quick else args.repeats
     torch.manual_seed(0)
     volume = torch.randn(in_ch, *args.shape)
     print(f"volume {in_ch}x{'x'.join(map(str, args.shape))}, roi {list(settings.roi_size)}, "
           f"overlap {settings.overlap}, {settings.mode}, sw_batch_size "
-          f"{settings.sw_batch_size}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"{settings.sw_batch_size}, TTA {settings.tta_flips}, device {args.device}, "
+          f"threads {torch.get_num_threads()}, "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     print("| model | params | variant | median | runs |\n|---|---|---|---|---|")
     results = []
