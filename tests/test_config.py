@@ -1,0 +1,104 @@
+"""Config schema: every shipped config validates; bad keys, types and overrides are reported
+with their dotted key path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kanseg.config import config_to_dict, load_config, save_config
+from kanseg.schema import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    if path.name.startswith("peft_"):  # kanpeft fine-tuning configs have their own schema
+        from kanpeft.tasks import load_config as load_peft_config
+
+        load_peft_config(path)
+        return
+    cfg = load_config(path)
+    assert len(cfg.roi_size) == cfg.data.spatial_dims
+    assert cfg.model.kwargs["spatial_dims"] == cfg.data.spatial_dims
+
+
+def test_expected_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"brats3d.yaml", "demo3d.yaml", "msd_hippocampus.yaml", "msd_brain_tumour.yaml",
+            "cxr_lung2d.yaml"} <= names
+
+
+@pytest.fixture
+def demo(tmp_path):
+    return Path(__file__).resolve().parents[1] / "configs" / "demo3d.yaml"
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.bogus=1", "unknown key 'trainer.bogus'; allowed keys in trainer:"),
+    ("bogus.x=1", "unknown key 'bogus'; allowed top-level sections"),
+    ("trainer.lr=fast", "trainer.lr: expected float, got 'fast'"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs: expected int, got 2.5"),
+    ("trainer.mixed_precision=fp8", "trainer.mixed_precision: expected one of 'no', 'bf16', 'fp16'"),
+    ("data.augment.flip_prob=2", "flip_prob must be a probability"),
+    ("data.patch_size=[32,32]", "patch_size must have 3 positive sizes"),
+    ("model.wings=3", "unknown key 'model.wings'"),
+    ("model.depth=0", "model.depth: depth must be >= 1"),
+    ("model.name=nonet", "model.name: unknown model 'nonet'"),
+    ("loss.name=dice_ce", "labels are overlapping regions"),
+    ("inference.roi_size=[8,8]", "inference.roi_size: expected 3 positive sizes"),
+    ("trainer.ema=1.5", "ema must be a decay in (0, 1)"),
+])
+def test_errors_name_the_key(demo, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(demo, [override])
+    assert message in str(err.value)
+    assert str(demo) in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["trainer.lr", "=3", "trainer..lr=1", "trainer.lr=[1,"])
+def test_bad_override_syntax(demo, override):
+    with pytest.raises(ConfigError, match="--set"):
+        load_config(demo, [override])
+
+
+def test_override_into_a_scalar_is_rejected(demo):
+    with pytest.raises(ConfigError, match="'trainer.lr' is 0.003, not a section"):
+        load_config(demo, ["trainer.lr.x=1"])
+
+
+def test_overrides_are_yaml_values_and_roundtrip(demo, tmp_path):
+    cfg = load_config(demo, ["trainer.max_epochs=3", "data.patch_size=[16, 16, 16]",
+                             "trainer.ema=null", "trainer.max_minutes=1.5", "model.width=4",
+                             "inference.tta_flips=true"])
+    assert cfg.trainer.max_epochs == 3 and cfg.trainer.ema is None
+    assert cfg.trainer.max_minutes == 1.5 and cfg.model.kwargs["width"] == 4
+    assert cfg.data.patch_size == [16, 16, 16] and cfg.roi_size == [64, 64, 64]
+    assert cfg.inference.tta_flips is True
+    save_config(cfg, tmp_path / "resolved.yaml")
+    saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert saved["model"]["name"] == "ukanet" and saved["model"]["width"] == 4
+    assert config_to_dict(load_config(tmp_path / "resolved.yaml")) == config_to_dict(cfg)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(_write(tmp_path, "data: [1,\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_roi_defaults_to_patch_size(tmp_path):
+    path = _write(tmp_path, "data: {patch_size: [32, 48, 40]}\nloss: {name: dice_bce}\n"
+                            "model: {name: ukanet, spatial_dims: 3, width: 2, depth: 1}\n")
+    assert load_config(path).roi_size == [32, 48, 40]
