@@ -128,9 +128,13 @@ _UNKNOWN_KWARG = re.compile(r"unexpected keyword argument '(\w+)'|unknown argume
 
 
 def check_model(model: ModelConfig) -> None:
-    """Build the model once; report a bad name or option as ``model.<key>``."""
+    """Build the model once (on the meta device: no memory, no init cost); report a bad name
+    or option as ``model.<key>``."""
+    import torch
+
     try:
-        model.build()
+        with torch.device("meta"):
+            model.build()
     except (TypeError, ValueError, KeyError) as err:
         text = str(err)
         match = _UNKNOWN_KWARG.search(text)
