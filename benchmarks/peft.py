@@ -8,7 +8,7 @@ and written to ``runs/bench_peft/results.md`` plus ``results.json``. The pretrai
 (``pipelines/peft_pretrain.py``) is built first when missing.
 
     .venv/bin/python benchmarks/peft.py                  # both tasks, all rows (~30-60 min, 2 CPUs)
-    .venv/bin/python benchmarks/peft.py --tasks pneumonia --methods scales lora
+    .venv/bin/python benchmarks/peft.py --tasks pneumonia --rows scales lora
 """
 from __future__ import annotations
 
@@ -21,40 +21,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"pneumonia": ROOT / "configs" / "peft_pneumonia.yaml",
          "cxr_lung": ROOT / "configs" / "peft_cxr_lung.yaml"}
-#: method -> (options, learning rate); the budget (data, epochs, seed) is the same for all.
+#: row -> (method, options, learning rate); the budget (data, epochs, seed) is the same for all.
 #: Adapters start at the identity and are small, so they take larger steps than full FT.
-METHODS = {"full": ({}, 2e-3), "head": ({}, 1e-2),
-           "basis": ({"degrees": [3], "extra_degrees": 0}, 2e-3),
-           "scales": ({}, 1e-2), "lora": ({"r": 4, "alpha": 8.0}, 5e-3)}
+#: "+norm" also trains the norm layers (BatchNorm affine + statistics: a few k parameters).
+ROWS = {
+    "full": ("full", {}, 2e-3),
+    "head": ("head", {}, 1e-2),
+    "basis": ("basis", {"degrees": [3], "extra_degrees": 0}, 2e-3),
+    "scales": ("scales", {}, 1e-2),
+    "lora": ("lora", {"r": 4, "alpha": 8.0}, 5e-3),
+    "scales+norm": ("scales", {"train_norm": True}, 1e-2),
+}
 METRICS = {"pneumonia": [("test_accuracy", "accuracy"), ("test_auc", "AUC")],
            "cxr_lung": [("val_dice_mean", "Dice")]}
 
 
-def run(task: str, method: str, out: Path, backbone: Path, extra: list[str]) -> dict:
-    """One fine-tuning run in a subprocess; returns its results.json."""
+def run(task: str, row: str, out: Path, backbone: Path, extra: list[str]) -> dict:
+    """One fine-tuning run in a subprocess; returns its results.json (plus the row name)."""
+    method, options, lr = ROWS[row]
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kanpeft.cli", "finetune", "--config", str(TASKS[task]),
            "--output", str(out), "--set", f"backbone={backbone}",
-           "--set", f"peft.method={method}", "--set", f"peft.options={json.dumps(METHODS[method][0])}",
-           "--set", f"trainer.lr={METHODS[method][1]}",
+           "--set", f"peft.method={method}", "--set", f"peft.options={json.dumps(options)}",
+           "--set", f"trainer.lr={lr}",
            *[a for item in extra for a in ("--set", item)]]
-    print(f"[{task}] {method}: {' '.join(cmd[3:])}", flush=True)
-    with open(out / "stdout.log", "w") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return json.loads((out / "results.json").read_text())
+    print(f"[{task}] {row}: {' '.join(cmd[3:])}", flush=True)
+    if not (out / "results.json").is_file():  # re-running the script resumes
+        with open(out / "stdout.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return {"row": row, **json.loads((out / "results.json").read_text())}
 
 
 def table(task: str, rows: list[dict]) -> str:
-    full = next((r for r in rows if r["method"] == "full"), None)
+    full = next((r for r in rows if r["row"] == "full"), None)
     names = METRICS[task]
-    head = ["method", "trainable", "share of full FT", "lr"] + [n for _, n in names] + \
+    head = ["row", "trainable", "share of full FT", "lr"] + [n for _, n in names] + \
         ["wall time (s)", "peak RSS (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         share = f"{r['trainable'] / full['trainable']:.2%}" if full else "-"
         metrics = [f"{r[k]:.4f}" for k, _ in names]
         lr = r["config"]["trainer"]["lr"]
-        lines.append("| " + " | ".join([r["method"], f"{r['trainable']:,}", share, f"{lr:g}", *metrics,
+        lines.append("| " + " | ".join([r["row"], f"{r['trainable']:,}", share, f"{lr:g}", *metrics,
                                          f"{r['wall_s']:.0f}", f"{r['peak_mem_mb']:.0f}"]) + " |")
     return "\n".join(lines)
 
@@ -63,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--backbone", type=Path, default=ROOT / "runs/backbones/vgg_kagn11_ct")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench_peft")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
@@ -74,8 +82,8 @@ def main() -> None:
                         "--out", str(args.backbone)], check=True, cwd=ROOT)
     results = {}
     for task in args.tasks:
-        results[task] = [run(task, m, args.out / task / m, args.backbone, args.extra)
-                         for m in args.methods]
+        results[task] = [run(task, r, args.out / task / r, args.backbone, args.extra)
+                         for r in args.rows]
     text = "\n\n".join(f"### {task}\n\n{table(task, rows)}" for task, rows in results.items())
     print(text)
     (args.out / "results.md").write_text(text + "\n")

@@ -128,3 +128,11 @@ def test_trainable_report_counts():
     assert report.trainable == sum(t for _, t, _ in report.rows)
     assert 0 < report.ratio < 0.2
     assert "TOTAL" in str(report) and "features.0" in str(report)
+
+
+def test_train_norm_with_lora():
+    """Norms outside LoRA targets (bottleneck layers) train; norms inside are refused clearly."""
+    prepared = kanpeft.prepare(small_classifier(bottleneck=True), "lora", r=2, train_norm=True)
+    assert any(p.requires_grad for n, p in prepared.named_parameters() if ".norm." in n)
+    with pytest.raises(ValueError, match="inside LoRA-wrapped"):
+        kanpeft.prepare(small_classifier(), "lora", r=2, train_norm=True)

@@ -64,6 +64,14 @@ def to_peft_config(model: nn.Module, config: KanLoraConfig) -> LoraConfig:
     targets = lora_targets(model, config.target_modules)
     if not targets:
         raise ValueError(f"no KAN layer of the model matches target_modules={config.target_modules!r}")
-    to_save = list(config.trainable_modules) + (norm_module_names(model) if config.train_norm else [])
+    norms = norm_module_names(model) if config.train_norm else []
+    inside = [n for n in norms if any(n.startswith(t + ".") for t in targets)]
+    if inside:
+        raise ValueError(
+            f"train_norm=True with lora: norm layers {inside[:3]}... sit inside LoRA-wrapped KAN "
+            "layers, which peft cannot also save (modules_to_save); use the scales or basis "
+            "method, or LoRA without train_norm"
+        )
+    to_save = list(config.trainable_modules) + norms
     return kan_lora_config(r=config.r, lora_alpha=config.alpha, target_modules=targets,
                            modules_to_save=to_save or None)
