@@ -125,3 +125,18 @@ def test_resume_after_sigkill_is_exact(tmp_path, synth_root):
     rows_full = list(csv.DictReader(open(full / "metrics.csv")))
     rows_cut = list(csv.DictReader(open(cut / "metrics.csv")))
     assert [r["val_dice_mean"] for r in rows_full] == [r["val_dice_mean"] for r in rows_cut]
+
+
+def test_cli_help_lists_and_wires_every_command(capsys):
+    from kanseg.cli import COMMANDS
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in text
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0, command
+        assert f"usage: kanseg {command}" in capsys.readouterr().out
