@@ -326,12 +326,8 @@ def _run_segmentation(model: nn.Module, section: SegmentationSection, trainer_cf
     names = spec.names if spec.activation == "sigmoid" else spec.names[1:]
     validator = SegmentationValidator(val_loader, names, spec.activation, data.patch_size)
     trainer = Trainer(model, loss, train_loader, trainer_cfg, run_dir, validate=validator)
-    trainer.fit()
-    final = trainer.eval_model
-    final.eval()
-    with torch.no_grad():
-        metrics = validator(final, trainer.acc)
-    return {f"val_{k}": v for k, v in metrics.items()}
+    trainer.fit()  # validates after the last epoch: its row holds the final model's Dice
+    return {k: v for k, v in trainer.rows[-1].items() if k.startswith("val_")}
 
 
 # ---------------------------------------------------------------------------- merge / methods
