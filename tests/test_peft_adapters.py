@@ -10,7 +10,8 @@ from torch import nn
 
 import kanpeft
 from kanpeft.methods.lora import kan_lora_config, load_kan_lora_config, lora_targets
-from kanseg.layers import create_kan_conv
+from kanseg.layers import KANConv, create_kan_conv
+from kanseg.models import create_model
 
 METHOD_OPTIONS = {"basis": {"degrees": [2], "extra_degrees": 1}, "scales": {}, "lora": {"r": 2}}
 
@@ -28,13 +29,13 @@ def small_classifier(width: int = 6, bottleneck: bool = False, norm: str = "batc
     return model
 
 
-def train_steps(model: nn.Module, steps: int = 3) -> None:
+def train_steps(model: nn.Module, steps: int = 3, size: int = 8) -> None:
     torch.manual_seed(2)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=0.05)
     model.train()
     for _ in range(steps):
-        x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 2, (4,))
+        x, y = torch.randn(4, 1, size, size), torch.randint(0, 2, (4,))
         loss = nn.functional.cross_entropy(model(x), y)
         optimiser.zero_grad()
         loss.backward()
@@ -89,18 +90,21 @@ def test_adapter_round_trip(method, tmp_path):
 
 def test_hf_peft_workflow(tmp_path):
     """get_peft_model, save_pretrained, PeftModel.from_pretrained, set_adapter, merge_and_unload
-    (plain peft freezes parameters, not BatchNorm statistics: an InstanceNorm backbone here)."""
-    pristine = small_classifier(norm="instance")
+    on a VGG-KAGN (plain peft freezes parameters, not BatchNorm statistics: InstanceNorm here)."""
+    torch.manual_seed(0)
+    pristine = create_model("vgg_kan", in_channels=1, num_classes=2, family="kagn",
+                            vgg_type="VGG11", expected_feature_shape=(1, 1), norm="instance",
+                            degree=2)
     targets = lora_targets(pristine)
-    assert targets == ["features.0", "features.2"]
+    assert targets == [f"features.{i}" for i in (0, 2, 4, 5, 7, 8, 10, 11)]
     config = kan_lora_config(r=2, lora_alpha=4, target_modules=targets, modules_to_save=["classifier"])
     peft_model = get_peft_model(copy.deepcopy(pristine), config)
-    train_steps(peft_model)
+    train_steps(peft_model, steps=1, size=32)
     second = kan_lora_config(r=3, lora_alpha=3, target_modules=targets)
     peft_model.add_adapter("other", second)
     peft_model.set_adapter("other")
-    train_steps(peft_model)
-    x = torch.randn(2, 1, 8, 8)
+    train_steps(peft_model, steps=1, size=32)
+    x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         out_other = peft_model(x)
         peft_model.set_adapter("default")
@@ -117,7 +121,7 @@ def test_hf_peft_workflow(tmp_path):
         torch.testing.assert_close(loaded(x), out_other, atol=1e-6, rtol=1e-5)
         merged = loaded.merge_and_unload().eval()
         torch.testing.assert_close(merged(x), out_other, atol=1e-4, rtol=1e-4)
-    assert type(merged.features[0]).__name__ == "KANConv"
+    assert type(merged.features[0]) is KANConv and type(merged) is type(pristine)
 
 
 def test_trainable_report_counts():
