@@ -372,6 +372,7 @@ def test_jit_trace(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compile_basis_fullgraph_captures(family):
     """Dynamo captures each basis as one graph (no graph breaks); eager backend keeps it fast."""
+    torch._dynamo.reset()  # every family compiles Basis.forward: stay under the recompile limit
     basis = create_kan_conv(family, 2, 2, 3, 3).basis
     compiled = torch.compile(basis, fullgraph=True, backend="eager")
     x = torch.randn(2, 2, 5, 5)
@@ -381,6 +382,7 @@ def test_compile_basis_fullgraph_captures(family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compile_every_basis_fullgraph_inductor(family):
+    torch._dynamo.reset()
     basis = create_kan_conv(family, 2, 2, 3, 3).basis
     compiled = torch.compile(basis, fullgraph=True)
     x = torch.randn(2, 2, 5, 5)
