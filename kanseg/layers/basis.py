@@ -6,9 +6,8 @@ convolution core (:mod:`kanseg.layers.conv`) is shared by all of them.
 """
 from __future__ import annotations
 
-from typing import Callable
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
