@@ -81,7 +81,7 @@ def test_overrides_are_yaml_values_and_roundtrip(demo, tmp_path):
                              "inference.tta_flips=true"])
     assert cfg.trainer.max_epochs == 3 and cfg.trainer.ema is None
     assert cfg.trainer.max_minutes == 1.5 and cfg.model.kwargs["width"] == 4
-    assert cfg.data.patch_size == [16, 16, 16] and cfg.roi_size == [64, 64, 64]
+    assert cfg.data.patch_size == [16, 16, 16] and cfg.roi_size == [16, 16, 16]
     assert cfg.inference.tta_flips is True
     save_config(cfg, tmp_path / "resolved.yaml")
     saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
