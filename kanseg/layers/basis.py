@@ -273,8 +273,10 @@ class BSplineBasis(Basis):
     """B-splines of order ``spline_order`` on a uniform grid of ``grid_size`` intervals.
 
     The knot vector extends ``grid_range`` by ``spline_order`` intervals on each side, giving
-    ``grid_size + spline_order`` basis functions (Cox-de Boor recursion). Base activation GELU
-    and output PReLU by default, as torch-conv-kan's KAN convolution.
+    ``grid_size + spline_order`` basis functions, as torch-conv-kan's KAN convolution (base
+    activation GELU and output PReLU by default, as there). Only the ``spline_order + 1``
+    splines that are non-zero on a point's knot interval are evaluated (the Cox-de Boor
+    recursion in the interval's local coordinate) and scattered into place.
     """
 
     layer_defaults = {"base_activation": "gelu", "activation": "prelu"}
@@ -285,20 +287,25 @@ class BSplineBasis(Basis):
         lo, hi = _check_grid(grid_size, grid_range)
         self.degree = _check_degree(spline_order, "spline_order")
         self.n_basis = grid_size + spline_order
-        h = (hi - lo) / grid_size
-        knots = torch.linspace(lo - h * spline_order, hi + h * spline_order,
-                               grid_size + 2 * spline_order + 1)
-        self.register_buffer("knots", knots, persistent=False)
+        self.spacing = (hi - lo) / grid_size
+        self.first_knot = lo - self.spacing * spline_order
 
     def forward(self, x: Tensor) -> Tensor:
-        knots = self.knots.to(x.dtype).view((1, 1, -1) + (1,) * (x.dim() - 2))
-        xu = x.unsqueeze(2)
-        bases = ((xu >= knots[:, :, :-1]) & (xu < knots[:, :, 1:])).to(x.dtype)
-        for p in range(1, self.degree + 1):
-            left = (xu - knots[:, :, : -(p + 1)]) / (knots[:, :, p:-1] - knots[:, :, : -(p + 1)])
-            right = (knots[:, :, p + 1:] - xu) / (knots[:, :, p + 1:] - knots[:, :, 1:-p])
-            bases = left * bases[:, :, :-1] + right * bases[:, :, 1:]
-        return bases
+        k, n = self.degree, self.n_basis
+        u = (x - self.first_knot) / self.spacing  # knot intervals: [0, n + k)
+        cell = torch.floor(u)
+        f = u - cell
+        local = [torch.ones_like(f)]  # local[r] = B-spline number cell - p + r
+        for p in range(1, k + 1):
+            local = [((f + (p - r)) * local[r - 1] if r > 0 else 0.0)
+                     + ((r + 1 - f) * local[r] if r < p else 0.0) for r in range(p + 1)]
+            local = [value / p for value in local]
+        inside = ((u >= 0) & (u < n + k)).to(x.dtype).unsqueeze(2)
+        spatial = (1,) * (x.dim() - 2)
+        offsets = torch.arange(k + 1, device=x.device).view((1, 1, k + 1) + spatial)
+        index = cell.clamp(0, n + k - 1).long().unsqueeze(2) + offsets  # = spline number + k
+        padded = x.new_zeros((x.shape[0], x.shape[1], n + 2 * k) + tuple(x.shape[2:]))
+        return padded.scatter(2, index, torch.stack(local, dim=2) * inside)[:, :, k:k + n]
 
 
 def _mexican_hat(z: Tensor) -> Tensor:
