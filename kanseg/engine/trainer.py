@@ -300,7 +300,7 @@ class Trainer:
             metrics = self.validate(model, self.acc)
         self.model.train()
         if self.cfg.monitor not in metrics:
-            raise KeyError(f"trainer.monitor '{self.cfg.monitor}' is not among the validation "
+            raise ValueError(f"trainer.monitor '{self.cfg.monitor}' is not among the validation "
                            f"metrics {sorted(metrics)}")
         return metrics
 
@@ -320,8 +320,8 @@ class Trainer:
         self.rows.append(row)
         self.acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=st.step)
         val = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        log.info("epoch %d%s step %d: loss %.4f, %.2f patches/s, data wait %.0f%%%s%s", st.epoch,
-                 " (partial)" if partial else "", st.step, row["train_loss"],
+        log.info("epoch %d%s step %d: loss %.4f, %.2f patches/s, data wait %.0f%%%s%s",
+                 st.epoch + partial, " (partial)" if partial else "", st.step, row["train_loss"],
                  row["patches_per_s"], 100 * row["data_wait_frac"], f"; {val}" if val else "",
                  " (best)" if improved else "")
         name = f"step-{st.step:08d}" if partial else f"epoch-{st.epoch:04d}"
