@@ -3,9 +3,10 @@
 1. Throughput (patches/s) of a training step (forward, loss, backward, AdamW) of the demo
    UKANet-3D vs MONAI ``SegResNet`` and ``UNet`` with the closest parameter counts (picked by
    ``benchmarks/inference.py``), same patch size and batch, random inputs.
-2. Peak memory of one training step of the demo model with the memory-lean layer option
-   (``recompute=True``) on vs off, each in a fresh process (CPU: peak RSS growth; CUDA: peak
-   allocated).
+2. Memory of one training step of the demo model with the memory-lean layer option
+   (``recompute=True``) on vs off, each in a fresh process: the bytes autograd saves for
+   backward, and the peak growth of the process memory during the step (CPU: resident set
+   sampled every millisecond; CUDA: peak allocated).
 3. The share of step time spent waiting for data, from a real 1-epoch ``kanseg train`` run on
    the synthetic set (``metrics.csv: data_wait_frac``).
 
@@ -18,11 +19,12 @@ import argparse
 import csv
 import json
 import platform
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from inference import models, n_params  # noqa: E402  (same baselines as the inference bench)
+from inference import closest, n_params  # noqa: E402  (shared with the other benchmarks)
+from layers import saved_bytes  # noqa: E402
+from monai.networks.nets import SegResNet, UNet  # noqa: E402
 
 from kanseg.config import load_config  # noqa: E402
 from kanseg.engine.losses import build_loss  # noqa: E402
@@ -55,11 +59,25 @@ def train_step(model, loss_fn, opt, x, y) -> None:
     opt.step()
 
 
+def candidates(cfg, in_ch: int, out_ch: int) -> dict:
+    """The demo model and MONAI baselines with the closest parameter counts."""
+    kan = cfg.model.build()
+    target = n_params(kan)
+    segres, f = closest(lambda w: SegResNet(3, init_filters=w, in_channels=in_ch,
+                                            out_channels=out_ch, norm=("GROUP", {"num_groups": 4})),
+                        range(4, 65, 4), target)
+    unet, c = closest(lambda w: UNet(3, in_ch, out_ch, channels=[w * 2**i for i in range(5)],
+                                     strides=[2, 2, 2, 2], num_res_units=2), range(2, 65), target)
+    return {"UKANet-3D": (kan, "demo3d (KAGN deg 2, width 8, depth 2)"),
+            "SegResNet": (segres, f"init_filters={f}, 4 groups"),
+            "UNet": (unet, f"channels={c}..{16 * c}, 2 res units")}
+
+
 def throughput(cfg, device: str, steps: int) -> list[dict]:
     loss_fn = build_loss(cfg.loss, overlapping_labels=True)
     x, y = batch_for(cfg, device)
     rows = []
-    for name, (model, variant) in models(cfg, x.shape[1], y.shape[1], "demo3d").items():
+    for name, (model, variant) in candidates(cfg, x.shape[1], y.shape[1]).items():
         model = model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         train_step(model, loss_fn, opt, x, y)  # warm-up
@@ -80,30 +98,50 @@ def throughput(cfg, device: str, steps: int) -> list[dict]:
     return rows
 
 
-def memory_child(recompute: bool, device: str) -> float:
-    """MB of peak memory added by one training step (run in a fresh process)."""
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_child(recompute: bool, device: str) -> tuple[float, float]:
+    """(MB saved for backward, MB of peak memory growth) of one training step."""
     cfg = load_config(CONFIG, [f"model.recompute={str(recompute).lower()}"])
     model = cfg.model.build().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = batch_for(cfg, device)
     loss_fn = build_loss(cfg.loss, overlapping_labels=True)
+    train_step(model, loss_fn, opt, x, y)  # allocate optimizer state and allocator pools
+    saved = saved_bytes(lambda: loss_fn(model(x), y)) / 2**20
+    opt.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         train_step(model, loss_fn, opt, x, y)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return saved, (torch.cuda.max_memory_allocated() - base) / 2**20
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     train_step(model, loss_fn, opt, x, y)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    done.set()
+    sampler.join()
+    return saved, max(peak[0], _rss_mb()) - base
 
 
-def peak_memory(device: str) -> dict[str, float]:
+def peak_memory(device: str) -> dict[str, dict[str, float]]:
     out = {}
     for flag in ("off", "on"):
         res = subprocess.run([sys.executable, __file__, "--memory-child", flag, "--device", device],
                              capture_output=True, text=True, check=True)
-        out[flag] = float(res.stdout.strip().splitlines()[-1])
-        print(f"recompute {flag:3s}: peak +{out[flag]:.0f} MB for one step", flush=True)
+        saved, peak = (float(v) for v in res.stdout.strip().splitlines()[-1].split())
+        out[flag] = {"saved_for_backward_mb": saved, "peak_growth_mb": peak}
+        print(f"recompute {flag:3s}: {saved:7.1f} MB saved for backward, peak memory "
+              f"+{peak:.0f} MB during one step", flush=True)
     return out
 
 
@@ -139,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(memory_child(args.memory_child == "on", args.device))
+        print(*memory_child(args.memory_child == "on", args.device))
         return 0
     cfg = load_config(CONFIG)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
