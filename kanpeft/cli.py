@@ -102,12 +102,13 @@ def _methods(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'method':<8} {'trainable':>11} {'share':>8}  description")
+    print(f"{'method':<8} {'trainable':>11} {'of full FT':>10}  description")
     for row in rows:
         if "error" in row:
-            print(f"{row['method']:<8} {'-':>11} {'-':>8}  not applicable: {row['error']}")
+            print(f"{row['method']:<8} {'-':>11} {'-':>10}  not applicable: {row['error']}")
         else:
-            print(f"{row['method']:<8} {row['trainable']:>11,} {row['ratio']:>8.2%}  {row['summary']}")
+            print(f"{row['method']:<8} {row['trainable']:>11,} {row['share_of_full']:>10.2%}  "
+                  f"{row['summary']}")
     return 0
 
 

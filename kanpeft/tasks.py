@@ -395,7 +395,7 @@ def describe_merged(model: nn.Module) -> None:
 def method_table(backbone: str, num_classes: int = 2,
                  options: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Trainable-parameter counts of every method (and the baselines) for a classifier made of
-    ``backbone`` with a new ``num_classes`` head."""
+    ``backbone`` with a new ``num_classes`` head; ``share_of_full`` compares with full FT."""
     rows = []
     for method in [*BASELINES, *METHODS]:
         model = load_backbone(backbone)
@@ -411,4 +411,7 @@ def method_table(backbone: str, num_classes: int = 2,
             "every parameter trains" if method == "full" else "only the new head trains")
         rows.append({"method": method, "trainable": report.trainable, "total": report.total,
                      "ratio": report.ratio, "summary": summary})
+    for row in rows:  # rows[0] is full fine-tuning
+        if "trainable" in row:
+            row["share_of_full"] = row["trainable"] / rows[0]["trainable"]
     return rows
