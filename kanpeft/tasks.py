@@ -345,9 +345,10 @@ def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None 
 
     With a ``finetune.yaml`` beside the adapter (written by :func:`finetune`) the task model
     (new head / U-Net decoder) is rebuilt first; ``backbone`` overrides its backbone source.
-    The merged model is written as ``model.safetensors``; VGG/ResKANet classifiers are written
-    in torch-conv-kan's checkpoint format (``config.json`` + ``model.safetensors``).
+    A VGG-KAN classifier is written in torch-conv-kan's checkpoint format (``config.json`` +
+    ``model.safetensors``); other models as ``model.safetensors`` + ``finetune.yaml``.
     """
+    from kanseg.models import VGGKAN
     from kanseg.models.torch_conv_kan import save_torch_conv_kan
 
     from .api import load_adapter, merge
@@ -364,7 +365,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None 
     else:
         raise ValueError(f"{adapter} has no {TASK_CONFIG_NAME}: pass --backbone")
     merged = merge(load_adapter(model, adapter))
-    if cfg is None or cfg.task == "classification":
+    if isinstance(merged, VGGKAN):
         describe_merged(merged)
         save_torch_conv_kan(merged, output)
     else:
@@ -373,7 +374,8 @@ def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None 
         output.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in merged.state_dict().items()},
                   str(output / "model.safetensors"))
-        save_task_config(cfg, output)
+        if cfg is not None:
+            save_task_config(cfg, output)
     return output
 
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 import kanpeft
 from kanpeft.cli import main
-from kanpeft.tasks import FinetuneConfig, build_task, classification_split, finetune, load_config
+from kanpeft.tasks import (FinetuneConfig, build_task, classification_split, finetune,
+                           load_config, merge_adapter)
 from kanseg.models import create_model
 from kanseg.models.torch_conv_kan import load_torch_conv_kan, save_torch_conv_kan
 from kanseg.schema import ConfigError
@@ -121,6 +123,14 @@ def test_segmentation_finetune(backbone, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert "decoder" in config["modules_to_save"]
+    merge_adapter(tmp_path / "run" / "adapter", tmp_path / "merged")
+    state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    model = build_task(cfg)[0]
+    model.load_state_dict(state)  # a plain U-Net of the original classes: no LoRA keys left
+    prepared = kanpeft.load_adapter(build_task(cfg)[0], tmp_path / "run" / "adapter").eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), prepared(x), atol=1e-4, rtol=1e-4)
 
 
 def load_config_from(raw: dict, tmp_path: Path) -> FinetuneConfig:
