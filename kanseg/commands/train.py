@@ -11,7 +11,8 @@ examples:
                --set trainer.max_epochs=2 --set trainer.mixed_precision=bf16
   kanseg train --config configs/demo3d.yaml --run-dir runs/demo      # fixed run folder
   kanseg train --run-dir runs/demo --resume                            # continue exactly
-  accelerate launch --num_processes 4 -m kanseg.cli train --config configs/brats3d.yaml
+  accelerate launch --num_processes 4 -m kanseg.cli train --config configs/brats3d.yaml  # 4 GPUs
+  torchrun --nproc_per_node 2 -m kanseg.cli train --config configs/demo3d.yaml    # 2 CPU procs
 
 The run folder (default runs/<config name>-<UTC time>) receives config.yaml (resolved),
 train.log, metrics.csv, tb/ (TensorBoard), loss.png / dice.png and checkpoints/{last,best}/
