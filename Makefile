@@ -1,5 +1,7 @@
 # Set-up is idempotent: the venv is created once and re-used while pyproject.toml is unchanged.
 VENV ?= .venv
+# UTF-8 I/O even where the locale is ASCII (CI, minimal containers).
+export PYTHONUTF8 := 1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
