@@ -137,7 +137,7 @@ def peak_memory(device: str) -> dict[str, dict[str, float]]:
     out = {}
     for flag in ("off", "on"):
         res = subprocess.run([sys.executable, __file__, "--memory-child", flag, "--device", device],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
         saved, peak = (float(v) for v in res.stdout.strip().splitlines()[-1].split())
         out[flag] = {"saved_for_backward_mb": saved, "peak_growth_mb": peak}
         print(f"recompute {flag:3s}: {saved:7.1f} MB saved for backward, peak memory "

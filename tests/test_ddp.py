@@ -41,7 +41,7 @@ WORKER = textwrap.dedent("""
 
 def _run(cmd: list[str], cwd) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd, timeout=240)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=cwd, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

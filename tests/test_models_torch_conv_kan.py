@@ -268,7 +268,7 @@ def test_hub_repo_id_resolves_through_the_huggingface_cache(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
     lines = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                           text=True, check=True).stdout.strip().splitlines()
+                           text=True, encoding="utf-8", errors="replace", check=True).stdout.strip().splitlines()
     assert "downloading it from the HuggingFace hub failed" in lines[0]
     torch.manual_seed(0)
     x = torch.randn(1, 3, 32, 32)

@@ -91,7 +91,7 @@ def _train_cmd(config: Path, run: Path, *extra: str) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict) -> None:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr[-3000:]
 
 

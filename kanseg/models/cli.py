@@ -13,7 +13,7 @@ examples:
   kanseg models --json             machine-readable
 
 Build any of them in Python with kanseg.models.create_model(name, **kwargs), or in a config
-(model: {name: ukanet, kwargs: {spatial_dims: 3, in_channels: 4, family: kagn, degree: 3}}).
+(model: {name: ukanet, spatial_dims: 3, in_channels: 4, family: kagn, degree: 3}).
 Parameter counts are for the default arguments (built on the meta device: no memory used).
 """
 
