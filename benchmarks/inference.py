@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from kanseg.config import load_config  # noqa: E402
 from kanseg.data.layouts import input_channels, label_spec  # noqa: E402
-from kanseg.inference import Predictor, settings_from_config  # noqa: E402
+from kanseg.inference import Predictor, resolve_device, settings_from_config  # noqa: E402
 from kanseg.models import create_model  # noqa: E402
 
 
@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(model, spec, settings)
         times = []
         for i in range(repeats + (0 if args.quick else 1)):
-            if settings.torch_device.type == "cuda":
+            if resolve_device(settings.device).type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             predictor(volume)
-            if settings.torch_device.type == "cuda":
+            if resolve_device(settings.device).type == "cuda":
                 torch.cuda.synchronize()
             if args.quick or i > 0:  # the first run is a warm-up
                 times.append(time.perf_counter() - start)

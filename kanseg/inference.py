@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -27,6 +26,7 @@ from kanseg.data.layouts import (
     BRATS_LAYOUTS, IMAGE_SUFFIXES_2D, NIFTI_SUFFIXES, LabelSpec, brats_cases, label_spec,
     load_cases, test_cases,
 )
+from kanseg.config import InferenceConfig
 from kanseg.engine.checkpoint import WEIGHTS, load_weights
 
 CHECKPOINT_DIRS = ("checkpoints/best", "checkpoints/last")
@@ -37,48 +37,26 @@ class InferenceError(ValueError):
     """A checkpoint, config or input case is unusable; the message names the file."""
 
 
-@dataclass
-class InferenceSettings:
-    """Resolved sliding-window settings (the run's ``inference`` section plus CLI overrides)."""
-
-    roi_size: tuple[int, ...]
-    overlap: float = 0.5
-    mode: str = "gaussian"
-    sw_batch_size: int = 1
-    tta_flips: bool = False
-    save_probabilities: bool = False
-    threshold: float = 0.5
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.overlap < 1.0:
-            raise InferenceError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.mode not in ("gaussian", "constant"):
-            raise InferenceError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}")
-        if self.sw_batch_size < 1 or min(self.roi_size) < 1:
-            raise InferenceError(f"sw_batch_size and roi_size must be positive, got "
-                                 f"{self.sw_batch_size} and {list(self.roi_size)}")
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def settings_from_config(cfg: Any, **overrides: Any) -> InferenceSettings:
-    """Settings from a run config's ``inference`` section (``roi_size`` null -> the
-    training ``data.patch_size``), with non-``None`` ``overrides`` applied on top."""
-    section = cfg.inference
-    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(InferenceSettings)
-              if hasattr(section, f.name)}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    roi = values.get("roi_size") or cfg.data.patch_size
-    if len(roi) != cfg.data.spatial_dims:
-        raise InferenceError(f"roi_size must have {cfg.data.spatial_dims} values for "
+def settings_from_config(cfg: Any, **overrides: Any) -> InferenceConfig:
+    """The run config's ``inference`` section with non-``None`` ``overrides`` applied and
+    ``roi_size`` resolved (null -> the training ``data.patch_size``)."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = dataclasses.replace(cfg.inference, **values)
+    except ValueError as err:
+        raise InferenceError(f"invalid inference setting: {err}") from None
+    roi = settings.roi_size or cfg.data.patch_size
+    if len(roi) != cfg.data.spatial_dims or min(roi) < 1:
+        raise InferenceError(f"roi_size must have {cfg.data.spatial_dims} positive values for "
                              f"spatial_dims={cfg.data.spatial_dims}, got {list(roi)}")
-    values["roi_size"] = tuple(int(r) for r in roi)
-    return InferenceSettings(**values)
+    return dataclasses.replace(settings, roi_size=[int(r) for r in roi])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -147,9 +125,9 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None,
 class Predictor:
     """Sliding-window (optionally flip-averaged) class/region probabilities for one image."""
 
-    def __init__(self, model: nn.Module, spec: LabelSpec, settings: InferenceSettings,
+    def __init__(self, model: nn.Module, spec: LabelSpec, settings: InferenceConfig,
                  progress: bool = False) -> None:
-        self.device = settings.torch_device
+        self.device = resolve_device(settings.device)
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.settings = settings
@@ -322,7 +300,7 @@ def predict_case(case: dict, transform: Any, inverter: Any,
 
 
 def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str | Path,
-                  settings: InferenceSettings, progress: bool = True) -> list[Path]:
+                  settings: InferenceConfig, progress: bool = True) -> list[Path]:
     """Predict every case, writing ``output/<id>.nii.gz`` (and with ``save_probabilities``
     ``output/probabilities/<id>.nii.gz``, channels last). Returns the label-map paths."""
     from tqdm.auto import tqdm

@@ -13,8 +13,9 @@ from torch import nn
 
 from kanseg.data.config import DataConfig
 from kanseg.data.layouts import LabelSpec
+from kanseg.config import InferenceConfig
 from kanseg.inference import (
-    InferenceError, InferenceSettings, Predictor, find_checkpoint, list_input_cases,
+    InferenceError, Predictor, find_checkpoint, list_input_cases,
     probabilities_to_labels, run_inference,
 )
 from kanseg.layers import create_kan_conv
@@ -54,8 +55,8 @@ def _data_cfg(**kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def _settings(**kw) -> InferenceSettings:
-    return InferenceSettings(**{"roi_size": (16, 16, 16), "device": "cpu", **kw})
+def _settings(**kw) -> InferenceConfig:
+    return InferenceConfig(**{"roi_size": (16, 16, 16), "device": "cpu", **kw})
 
 
 def _tiny_unet(in_channels: int = 1, out_channels: int = 2) -> nn.Module:
