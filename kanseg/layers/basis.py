@@ -52,6 +52,21 @@ class Basis(nn.Module):
         """The ``n_basis`` basis functions of ``x``, each shaped like ``x``."""
         return list(self(x).unbind(2))
 
+    def expand_into(self, x: Tensor, out: Tensor) -> None:
+        """Write the basis functions of ``x`` into ``out`` (``(B, C, n_basis, *S)``, possibly a
+        strided view). Used without autograd; families may override it to skip temporaries."""
+        for k, term in enumerate(self.terms(x)):
+            out[:, :, k] = term
+
+    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
+        """Like :meth:`expand_into` but evaluated with ``params`` (the basis parameters in
+        ``parameters()`` order), returning the analytic vector-Jacobian product of the basis:
+        a function of ``grad`` (``(B, C, n_basis, *S)``) giving the gradients of ``x`` and of
+        each parameter. Returns None, writing nothing, to let autograd differentiate the basis
+        (the default)."""
+        return None
+
 
 def _check_degree(degree: int, name: str = "degree") -> int:
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
@@ -102,12 +117,16 @@ class GramBasis(Basis):
         std = 1.0 / (kernel_numel * in_channels * (degree + 1.0))
         self.beta_weights = nn.Parameter(torch.randn(degree + 1) * std)
 
-    def recurrence_coefficients(self) -> Tensor:
-        """Coefficient c_i multiplying P_{i-2} in the step to P_i (index i = 2..degree)."""
+    def _constants(self, like: Tensor) -> Tensor:
         n = torch.arange(self.degree + 1, dtype=torch.float64)
         m = n + 1
-        const = (m + n) * (m - n) * n**2 / (m**2 / (4.0 * n**2 - 1.0))
-        return const.to(self.beta_weights) * self.beta_weights
+        return ((m + n) * (m - n) * n**2 / (m**2 / (4.0 * n**2 - 1.0))).to(like)
+
+    def recurrence_coefficients(self, beta: Tensor | None = None) -> Tensor:
+        """Coefficient c_i multiplying P_{i-2} in the step to P_i (index i = 2..degree), from
+        ``beta`` (default: ``beta_weights``)."""
+        beta = self.beta_weights if beta is None else beta
+        return self._constants(beta) * beta
 
     def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.tanh(x)
@@ -118,6 +137,54 @@ class GramBasis(Basis):
         for i in range(2, self.degree + 1):
             polys.append(t * polys[-1] - coeff[i - 1] * polys[-2])
         return [F.silu(p) for p in polys]
+
+    def _polynomials_into(self, x: Tensor, coeff: Tensor, out: Tensor) -> Tensor:
+        """P_0..P_degree of ``tanh(x)`` written into ``out[:, :, i]``; returns ``tanh(x)``."""
+        t = torch.tanh(x)
+        out[:, :, 0] = 1.0
+        if self.degree >= 1:
+            out[:, :, 1] = t
+        for i in range(2, self.degree + 1):
+            torch.mul(t, out[:, :, i - 1], out=out[:, :, i])
+            out[:, :, i].addcmul_(out[:, :, i - 2], -coeff[i - 1])
+        return t
+
+    def expand_into(self, x: Tensor, out: Tensor) -> None:
+        self._polynomials_into(x, self.recurrence_coefficients(), out)
+        F.silu(out, inplace=True)
+
+    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
+        if len(params) != 1:
+            return None
+        beta = params[0]
+        coeff = self.recurrence_coefficients(beta)
+        polys = x.new_empty(out.shape)
+        t = self._polynomials_into(x, coeff, polys)
+        out.copy_(polys)
+        F.silu(out, inplace=True)
+
+        def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
+            g = torch.ops.aten.silu_backward(grad, polys)  # dL/dP_i
+            grad_coeff = torch.zeros_like(coeff)
+            grad_t = None
+            for i in range(self.degree, 1, -1):  # P_i = t P_{i-1} - c_i P_{i-2}, in reverse
+                g_i = g[:, :, i]
+                grad_coeff[i - 1] = -(g_i * polys[:, :, i - 2]).sum()
+                g[:, :, i - 1].addcmul_(g_i, t)
+                g[:, :, i - 2].addcmul_(g_i, -coeff[i - 1])
+                if grad_t is None:
+                    grad_t = g_i * polys[:, :, i - 1]
+                else:
+                    grad_t.addcmul_(g_i, polys[:, :, i - 1])
+            if self.degree == 0:
+                grad_x = torch.zeros_like(x)
+            else:
+                grad_t = g[:, :, 1].clone() if grad_t is None else grad_t.add_(g[:, :, 1])
+                grad_x = torch.ops.aten.tanh_backward(grad_t, t)
+            return grad_x, [grad_coeff * self._constants(beta)]
+
+        return vjp
 
 
 @register_basis("kaln")
