@@ -45,8 +45,9 @@ def expand_with_base(x: Tensor, terms: list[Tensor], base_activation: nn.Module 
 def expand(x: Tensor, basis: Basis, base_activation: nn.Module | None) -> Tensor:
     """``expand_with_base(x, basis.terms(x), base_activation)``; without autograd, the base slot
     and the basis functions are written straight into one preallocated buffer (not while
-    tracing: a traced graph must also run with autograd on)."""
-    if torch.is_grad_enabled() or torch.jit.is_tracing():
+    tracing or compiling: traced graphs must also run with autograd on, and the compiler fuses
+    the plain expression itself)."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return expand_with_base(x, basis.terms(x), base_activation)
     n_base = 0 if base_activation is None else 1
     out = x.new_empty((x.shape[0], x.shape[1], n_base + basis.n_basis) + tuple(x.shape[2:]))
