@@ -102,8 +102,17 @@ def _group_minmax(x: Tensor, channels_per_group: int) -> Tensor:
     return (2.0 * (grouped - lo) / span - 1.0).view_as(x)
 
 
+class PolynomialBasis(Basis):
+    """A family of polynomials of degree 0..``degree``: one basis function per degree."""
+
+    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
+        super().__init__()
+        self.degree = _check_degree(degree)
+        self.n_basis = degree + 1
+
+
 @register_basis("kagn")
-class GramBasis(Basis):
+class GramBasis(PolynomialBasis):
     """Gram polynomials of ``tanh(x)`` with learnable recurrence weights ``beta``.
 
     P0 = 1, P1 = t, P_{n} = t P_{n-1} - beta(n-1, n) P_{n-2}, with
@@ -111,9 +120,7 @@ class GramBasis(Basis):
     """
 
     def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
-        super().__init__()
-        self.degree = _check_degree(degree)
-        self.n_basis = degree + 1
+        super().__init__(in_channels, degree, kernel_numel)
         std = 1.0 / (kernel_numel * in_channels * (degree + 1.0))
         self.beta_weights = nn.Parameter(torch.randn(degree + 1) * std)
 
@@ -188,7 +195,7 @@ class GramBasis(Basis):
 
 
 @register_basis("kaln")
-class LegendreBasis(Basis):
+class LegendreBasis(PolynomialBasis):
     """Legendre polynomials of ``x`` min-max scaled to [-1, 1] over each group.
 
     P0 = 1, P1 = s, (n + 1) P_{n+1} = (2n + 1) s P_n - n P_{n-1}. The base branch sees ``x``
@@ -198,9 +205,7 @@ class LegendreBasis(Basis):
     layer_defaults = {"base_activation": "identity"}
 
     def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
-        super().__init__()
-        self.degree = _check_degree(degree)
-        self.n_basis = degree + 1
+        super().__init__(in_channels, degree, kernel_numel)
         self.in_channels = in_channels
 
     def terms(self, x: Tensor) -> list[Tensor]:
@@ -214,7 +219,7 @@ class LegendreBasis(Basis):
 
 
 @register_basis("kacn")
-class ChebyshevBasis(Basis):
+class ChebyshevBasis(PolynomialBasis):
     """Chebyshev polynomials of the first kind of ``tanh(x)``: T_n(t) = cos(n arccos t).
 
     Evaluated by the recurrence T_{n+1} = 2 t T_n - T_{n-1}, which equals torch-conv-kan's
@@ -224,11 +229,6 @@ class ChebyshevBasis(Basis):
 
     use_base = False
     layer_defaults = {"activation": None}
-
-    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
-        super().__init__()
-        self.degree = _check_degree(degree)
-        self.n_basis = degree + 1
 
     def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.tanh(x)
@@ -241,7 +241,7 @@ class ChebyshevBasis(Basis):
 
 
 @register_basis("kajn")
-class JacobiBasis(Basis):
+class JacobiBasis(PolynomialBasis):
     """Jacobi polynomials P_n^(alpha, beta) of ``tanh(x)`` by the three-term recurrence.
 
     The base branch sees ``x`` without activation, as in torch-conv-kan's KAJN.
@@ -251,11 +251,9 @@ class JacobiBasis(Basis):
 
     def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9,
                  alpha: float = 1.0, beta: float = 1.0):
-        super().__init__()
-        self.degree = _check_degree(degree)
+        super().__init__(in_channels, degree, kernel_numel)
         if not (alpha > -1.0 and beta > -1.0):
             raise ValueError(f"alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
-        self.n_basis = degree + 1
         self.alpha, self.beta = float(alpha), float(beta)
 
     def step_coefficients(self, n: int) -> tuple[float, float, float]:
@@ -279,7 +277,7 @@ class JacobiBasis(Basis):
 
 
 @register_basis("kabn")
-class BernsteinBasis(Basis):
+class BernsteinBasis(PolynomialBasis):
     """Bernstein polynomials b_{k,n}(t) = C(n, k) t^k (1 - t)^(n - k) of ``t = sigmoid(x)``.
 
     torch-conv-kan's KABN evaluates a de Casteljau recursion seeded with ones, which makes
@@ -288,11 +286,6 @@ class BernsteinBasis(Basis):
     """
 
     layer_defaults = {"base_activation": "identity"}
-
-    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
-        super().__init__()
-        self.degree = _check_degree(degree)
-        self.n_basis = degree + 1
 
     def terms(self, x: Tensor) -> list[Tensor]:
         t = torch.sigmoid(x)
@@ -478,6 +471,7 @@ def create_basis(family: str, in_channels: int, kernel_numel: int, **options) ->
 
 __all__ = [
     "BASIS_REGISTRY", "WAVELETS", "Basis", "BernsteinBasis", "BSplineBasis", "ChebyshevBasis",
-    "GaussianRBFBasis", "GramBasis", "JacobiBasis", "LegendreBasis", "ReLUBumpBasis",
+    "GaussianRBFBasis", "GramBasis", "JacobiBasis", "LegendreBasis", "PolynomialBasis",
+    "ReLUBumpBasis",
     "WaveletBasis", "basis_class", "create_basis", "register_basis",
 ]
