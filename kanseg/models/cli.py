@@ -4,13 +4,27 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 MODELS_EXAMPLES = """\
 examples:
   kanseg models                    every registered network with its parameter count
   kanseg models --spatial-dims 2   count the segmentation networks in 2D
   kanseg models --json             machine-readable
+
+cost of the segmentation networks (params, forward GFLOPs per patch, training patches/s here):
+  kanseg models --cost --patch 48,64,48 --in-channels 1 --out-channels 3
+  kanseg models --cost --patch 256,256 --models ukanet,monai_unet --model-arg width=16
+  kanseg models --cost --patch 48,64,48 --model-arg ukanet.degree=2 --device cuda --json
+
+--patch sets the dims (2 sizes: 2D, 3 sizes: 3D); --models defaults to every segmentation
+network that supports them. --model-arg KEY=VALUE (YAML value, repeatable) goes to every listed
+model that takes KEY; NAME.KEY=VALUE to model NAME only. GFLOPs are the forward convolutions
+and matmuls of one patch (torch.utils.flop_counter; elementwise work such as the KAN basis
+expansion is not counted); patches/s is the median of --steps timed train steps (forward,
+backward, AdamW) at --batch after one warm-up step, so close other work while it runs.
 
 Build any of them in Python with kanseg.models.create_model(name, **kwargs), or in a config
 (model: {name: ukanet, spatial_dims: 3, in_channels: 4, family: kagn, degree: 3}).
@@ -39,11 +53,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "models", help="list the registered networks",
         description="List the registered networks: name, spatial dims, task, parameter count "
-                    "of the default configuration and a short description.",
+                    "of the default configuration and a short description. With --cost, "
+                    "measure what the segmentation networks cost on a patch size: parameters, "
+                    "forward GFLOPs per patch and training patches/s on this machine.",
         epilog=MODELS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spatial-dims", type=int, choices=(1, 2, 3),
                    help="count segmentation networks at these dims (default: their default)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cost = p.add_argument_group("cost (--cost)")
+    cost.add_argument("--cost", action="store_true",
+                      help="measure params, GFLOPs/patch and training patches/s")
+    cost.add_argument("--patch", type=parse_patch, default=[48, 64, 48], metavar="N,N[,N]",
+                      help="patch size, comma-separated; its length sets the dims "
+                           "(default 48,64,48)")
+    cost.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
+    cost.add_argument("--out-channels", type=int, default=2, help="output channels (default 2)")
+    cost.add_argument("--batch", type=int, default=2, help="training batch (default 2)")
+    cost.add_argument("--steps", type=int, default=3,
+                      help="timed training steps after one warm-up (default 3)")
+    cost.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cost.add_argument("--models", type=lambda t: [n for n in t.split(",") if n],
+                      metavar="NAME,...", help="models to measure (default: all segmentation "
+                                               "models supporting the dims)")
+    cost.add_argument("--model-arg", dest="model_args", action="append", default=[],
+                      metavar="[NAME.]KEY=VALUE", help="model keyword argument (repeatable)")
     p.set_defaults(func=run_models)
 
     p = subparsers.add_parser(
@@ -85,7 +118,125 @@ def model_table(spatial_dims: int | None = None) -> list[dict]:
     return rows
 
 
+def parse_patch(text: str) -> list[int]:
+    """``"48,64,48"`` -> ``[48, 64, 48]`` (1 to 3 positive sizes)."""
+    try:
+        sizes = [int(t) for t in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to 3 positive comma-separated sizes such as 48,64,48, got {text!r}")
+    return sizes
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str | None, dict[str, Any]]:
+    """``["width=16", "ukanet.degree=2"]`` -> ``{None: {"width": 16}, "ukanet": {"degree": 2}}``
+    (values parsed as YAML)."""
+    import yaml
+
+    parsed: dict[str | None, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        model, _, key = key.strip().rpartition(".")
+        if not sep or not key:
+            raise ValueError(f"--model-arg expects [NAME.]KEY=VALUE (e.g. width=16), got {item!r}")
+        parsed.setdefault(model or None, {})[key] = yaml.safe_load(value)
+    return parsed
+
+
+def cost_kwargs(name: str, model_args: dict[str | None, dict[str, Any]]) -> dict[str, Any]:
+    """The ``--model-arg`` values for model ``name``: the unscoped ones it accepts, then its own."""
+    from .registry import accepted_arguments
+
+    scoped = model_args.get(name, {})
+    accepted = accepted_arguments(name, scoped)
+    shared = {k: v for k, v in model_args.get(None, {}).items() if k in accepted}
+    return {**shared, **scoped}
+
+
+def cost_models(names: list[str] | None, dims: int) -> list[str]:
+    """``names`` checked against the registry, or every segmentation model supporting ``dims``."""
+    from . import get_model_spec, list_models
+
+    if names is None:
+        return [n for n in list_models()
+                if get_model_spec(n).task == "segmentation" and dims in get_model_spec(n).dims]
+    for name in names:
+        spec = get_model_spec(name)  # ValueError listing the registered models
+        if spec.task != "segmentation":
+            raise ValueError(f"--cost measures segmentation networks; {name!r} is a "
+                             f"{spec.task} network")
+        if dims not in spec.dims:
+            raise ValueError(f"model {name!r} supports {spec.dims}-D inputs, not the "
+                             f"{dims}-D --patch")
+    return names
+
+
+def cost_table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One cost row per model (``error`` instead of numbers when it could not be measured),
+    a progress line per model on stderr."""
+    from .cost import model_cost
+
+    names = cost_models(args.models, len(args.patch))
+    model_args = parse_model_args(args.model_args)
+    unknown = set(model_args) - {None} - set(names)
+    if unknown:
+        raise ValueError(f"--model-arg names model(s) not measured: {sorted(unknown)}")
+    kwargs_of = {name: cost_kwargs(name, model_args) for name in names}
+    unused = set(model_args.get(None, {})) - {k for kw in kwargs_of.values() for k in kw}
+    if unused:
+        raise ValueError(f"--model-arg {', '.join(sorted(unused))}: taken by none of the "
+                         f"models measured ({', '.join(names)})")
+    rows = []
+    for name, kwargs in kwargs_of.items():
+        print(f"measuring {name} {kwargs or ''}...", end=" ", file=sys.stderr, flush=True)
+        try:
+            row = {"name": name, "kwargs": kwargs,
+                   **model_cost(name, args.patch, args.in_channels, args.out_channels,
+                                args.batch, args.steps, args.device, **kwargs)}
+            print(f"{row['patches_per_s']:.2f} patches/s", file=sys.stderr)
+        except (ValueError, RuntimeError) as err:  # a bad size or option for this model
+            row = {"name": name, "kwargs": kwargs, "error": str(err)}
+            print(f"failed: {err}", file=sys.stderr)
+        rows.append(row)
+    reference = next((r.get("patches_per_s") for r in rows if r["name"] == "monai_unet"), None)
+    for row in rows:
+        if reference and "patches_per_s" in row:
+            row["relative_to_monai_unet"] = row["patches_per_s"] / reference
+    return rows
+
+
+def print_cost_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    patch = "x".join(map(str, args.patch))
+    print(f"patch {patch}, {args.in_channels} -> {args.out_channels} channels, batch "
+          f"{args.batch}, {args.device}, median of {args.steps} steps")
+    relative = any("relative_to_monai_unet" in r for r in rows)
+    print(f"{'name':<15} {'params (M)':>10} {'GFLOPs/patch':>13} {'patches/s':>10}"
+          + (f" {'vs monai_unet':>14}" if relative else ""))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<15} error: {r['error']}")
+            continue
+        line = f"{r['name']:<15} {r['params'] / 1e6:>10.3f} {r['gflops']:>13.3f} " \
+               f"{r['patches_per_s']:>10.2f}"
+        if "relative_to_monai_unet" in r:
+            line += f" {r['relative_to_monai_unet']:>13.2f}x"
+        print(line)
+
+
+def run_cost(args: argparse.Namespace) -> int:
+    rows = cost_table(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_cost_table(rows, args)
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def run_models(args: argparse.Namespace) -> int:
+    if args.cost:
+        return run_cost(args)
     rows = model_table(args.spatial_dims)
     if args.json:
         print(json.dumps(rows, indent=2))
