@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -177,6 +178,28 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     return raw
 
 
+def _drop_foreign_model_options(raw: dict, file_model: dict, overrides: Sequence[str]) -> None:
+    """When ``--set model.name=X`` switches the network (e.g. to a MONAI baseline), drop the
+    file's model options that X does not take, with a warning naming them. Options given
+    with ``--set`` are kept (and checked as usual)."""
+    from .models import accepted_arguments, list_models
+
+    model = raw.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if name == file_model.get("name", "ukanet") or name not in list_models():
+        return
+    explicit = {path[1] for path, _ in map(parse_override, overrides)
+                if len(path) == 2 and path[0] == "model"}
+    accepted = accepted_arguments(name, model)
+    dropped = sorted(k for k in file_model
+                     if k != "name" and k not in explicit and k not in accepted)
+    for key in dropped:
+        del model[key]
+    if dropped:
+        warnings.warn(f"model.name={name}: dropped the config's model options that {name} does "
+                      f"not take: {', '.join(dropped)}", stacklevel=3)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -195,7 +218,10 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path, overrides: Sequence[str] = (),
                 validate_model: bool = True) -> Config:
     """Read, override and validate a YAML config; errors name the file and the key path."""
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = read_yaml(path)
+    file_model = dict(raw.get("model") or {}) if isinstance(raw.get("model"), dict) else {}
+    raw = apply_overrides(raw, overrides)
+    _drop_foreign_model_options(raw, file_model, overrides)
     try:
         return config_from_dict(raw, validate_model)
     except ConfigError as err:

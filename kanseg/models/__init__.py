@@ -1,8 +1,8 @@
 """Networks built from the KAN layer core, and the model registry."""
-from . import reskanet, u2kanet, ukanet, vgg  # noqa: F401  (registers models)
+from . import baselines, reskanet, u2kanet, ukanet, vgg  # noqa: F401  (registers models)
 from .io import load_model, save_model
 from .registry import (
-    count_parameters, create_model, get_model_spec, list_models, register_model, resolved_config,
+    accepted_arguments, count_parameters, create_model, get_model_spec, list_models, register_model, resolved_config,
 )
 from .torch_conv_kan import load_torch_conv_kan, save_torch_conv_kan
 from .reskanet import ResKANet
@@ -11,7 +11,7 @@ from .ukanet import UKANet
 from .vgg import VGG_TYPES, VGGKAN
 
 __all__ = [
-    "ResKANet", "U2KANet", "UKANet", "VGGKAN", "VGG_TYPES", "count_parameters", "create_model",
+    "ResKANet", "U2KANet", "UKANet", "VGGKAN", "VGG_TYPES", "accepted_arguments", "count_parameters", "create_model",
     "get_model_spec", "list_models", "load_model", "load_torch_conv_kan", "register_model",
     "resolved_config", "save_model", "save_torch_conv_kan",
 ]

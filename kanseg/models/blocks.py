@@ -6,14 +6,14 @@ Every convolution comes from :class:`ConvFactory`, which calls
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Pool
+from monai.networks.layers.factories import Conv, Pool
 from torch import Tensor, nn
 
-from kanseg.layers import create_kan_conv
+from kanseg.layers import create_kan_conv, create_norm
 from kanseg.layers.conv import create_activation
 
 BLOCK_KINDS = ("basic", "bottleneck")
@@ -58,15 +58,58 @@ class ConvFactory:
         return create_activation(self.options.get("activation", "silu"))
 
 
+@dataclass(frozen=True)
+class PlainConvFactory:
+    """Plain conv + norm + activation with :class:`ConvFactory`'s call signature, for the
+    levels of a network that are not KAN (``kan_levels``): same padding, norm and activation."""
+
+    spatial_dims: int
+    norm: str = "instance"
+    activation_name: str | None = "silu"
+
+    def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, dilation: int = 1, groups: int = 1,
+                 act: bool = True) -> nn.Module:
+        """A 'same'-padded conv, norm and (unless ``act=False``) activation."""
+        conv = Conv[Conv.CONV, self.spatial_dims](
+            in_channels, out_channels, kernel_size, stride=stride,
+            padding=dilation * (kernel_size - 1) // 2, dilation=dilation, groups=groups,
+            bias=self.norm in (None, "none"))
+        layers = [conv, create_norm(self.norm, self.spatial_dims, out_channels)]
+        if act:
+            layers.append(self.activation())
+        return nn.Sequential(*layers)
+
+    def activation(self) -> nn.Module:
+        """The activation after each conv and residual addition."""
+        return create_activation(self.activation_name)
+
+
+def check_kan_levels(kan_levels: Sequence[int] | None, n_levels: int) -> frozenset[int]:
+    """The set of levels (0 = full resolution .. ``n_levels - 1``) built from KAN convs;
+    ``None`` means all of them."""
+    if kan_levels is None:
+        return frozenset(range(n_levels))
+    levels = list(kan_levels) if isinstance(kan_levels, (list, tuple)) else [None]
+    if any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n_levels
+           for v in levels) or len(set(levels)) != len(levels):
+        raise ValueError(f"kan_levels must be distinct integers in [0, {n_levels - 1}] "
+                         f"(0 = full resolution) or null for all, got {kan_levels!r}")
+    return frozenset(levels)
+
+
+AnyConvFactory = Union[ConvFactory, PlainConvFactory]
+
+
 class KANResBlock(nn.Module):
-    """Residual KAN block: ``act(body(x) + shortcut(x))``.
+    """Residual KAN (or plain, with :class:`PlainConvFactory`) block: ``act(body(x) + shortcut(x))``.
 
     ``basic``: two 3x3 convs. ``bottleneck``: 1x1 squeeze to ``out/expansion``, 3x3, 1x1 expand.
     The shortcut is a strided 1x1 KAN conv when stride or width change.
     """
 
-    def __init__(self, conv: ConvFactory, in_channels: int, out_channels: int, stride: int = 1,
-                 kind: str = "basic", expansion: int = 4):
+    def __init__(self, conv: AnyConvFactory, in_channels: int, out_channels: int,
+                 stride: int = 1, kind: str = "basic", expansion: int = 4):
         super().__init__()
         if kind == "basic":
             self.body = nn.Sequential(conv(in_channels, out_channels, 3, stride),
@@ -87,7 +130,7 @@ class KANResBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-def res_stage(conv: ConvFactory, in_channels: int, out_channels: int, blocks: int,
+def res_stage(conv: AnyConvFactory, in_channels: int, out_channels: int, blocks: int,
               stride: int = 1, kind: str = "basic") -> nn.Sequential:
     """``blocks`` residual blocks; the first changes width / resolution."""
     if blocks < 1:
@@ -113,8 +156,8 @@ class RSUBlock(nn.Module):
     ``dilated=True`` gives the ``RSU-4F`` form: no pooling, dilations 1, 2, 4, ... instead.
     """
 
-    def __init__(self, conv: ConvFactory, in_channels: int, mid_channels: int, out_channels: int,
-                 height: int, dilated: bool = False):
+    def __init__(self, conv: AnyConvFactory, in_channels: int, mid_channels: int,
+                 out_channels: int, height: int, dilated: bool = False):
         super().__init__()
         if height < 2:
             raise ValueError(f"RSU height must be >= 2, got {height!r}")
@@ -181,6 +224,7 @@ def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 __all__ = [
-    "BLOCK_KINDS", "ConvFactory", "KANResBlock", "RSUBlock", "check_bottom_size", "crop_to",
-    "pad_to_multiple", "res_stage", "resize_to",
+    "BLOCK_KINDS", "AnyConvFactory", "ConvFactory", "KANResBlock", "PlainConvFactory", "RSUBlock",
+    "check_bottom_size", "check_kan_levels", "crop_to", "pad_to_multiple", "res_stage",
+    "resize_to",
 ]

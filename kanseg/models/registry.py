@@ -69,13 +69,19 @@ def family_option_names(family: str) -> set[str]:
     return names | set(CONV_OPTIONS)
 
 
-def _check_kwargs(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
-    params = inspect.signature(spec.builder).parameters
-    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    allowed = set(named)
+def accepted_arguments(name: str, kwargs: dict[str, Any] | None = None) -> set[str]:
+    """Keyword arguments model ``name`` accepts; for KAN networks, those of the family in
+    ``kwargs`` (default ``kagn``) are included."""
+    params = inspect.signature(get_model_spec(name).builder).parameters
+    allowed = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        family = kwargs.get("family", params["family"].default if "family" in params else "kagn")
-        allowed |= family_option_names(family)
+        default = params["family"].default if "family" in params else "kagn"
+        allowed |= family_option_names((kwargs or {}).get("family", default))
+    return allowed
+
+
+def _check_kwargs(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
+    allowed = accepted_arguments(spec.name, kwargs)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise ValueError(
@@ -120,6 +126,6 @@ def count_parameters(name: str, **kwargs: Any) -> int:
 
 
 __all__ = [
-    "ModelSpec", "count_parameters", "create_model", "family_option_names", "get_model_spec",
+    "ModelSpec", "accepted_arguments", "count_parameters", "create_model", "family_option_names", "get_model_spec",
     "list_models", "register_model", "resolved_config",
 ]

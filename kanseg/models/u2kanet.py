@@ -5,7 +5,9 @@ import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import Tensor, nn
 
-from .blocks import ConvFactory, RSUBlock, check_bottom_size, resize_to
+from .blocks import (
+    ConvFactory, PlainConvFactory, RSUBlock, check_bottom_size, check_kan_levels, resize_to,
+)
 from .registry import register_model
 
 # (height, mid channels, out channels, dilated) per stage, as in U^2-Net and U^2-Net-small.
@@ -34,6 +36,9 @@ class U2KANet(nn.Module):
     forward returns ``[fused, side_1, ..., side_6]`` (all full resolution); otherwise the fused
     logits. Any input size works (ceil-mode pooling, upsampling to the skip's size).
     ``width_scale`` multiplies every channel count of the ``variant`` ("full" or "small").
+    ``kan_levels`` lists the stages (0 = full resolution .. 5 = the deepest encoder stage)
+    whose RSU blocks, encoder and decoder, are KAN; the others are plain conv RSU blocks.
+    ``None`` (the default) makes every stage KAN.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class U2KANet(nn.Module):
         norm: str = "instance",
         deep_supervision: bool = False,
         bottleneck_convs: bool = False,
+        kan_levels: list[int] | None = None,
         **family_options,
     ):
         super().__init__()
@@ -57,7 +63,8 @@ class U2KANet(nn.Module):
         self.spatial_dims = spatial_dims
         self.norm = norm
         self.deep_supervision = deep_supervision
-        conv = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
+        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
+        plain = PlainConvFactory(spatial_dims, norm, family_options.get("activation", "silu"))
 
         def scaled(spec):
             height, mid, out, dilated = spec
@@ -66,15 +73,18 @@ class U2KANet(nn.Module):
 
         enc = [scaled(s) for s in VARIANTS[variant]["encoder"]]
         dec = [scaled(s) for s in VARIANTS[variant]["decoder"]]
+        levels = check_kan_levels(kan_levels, len(enc))
+        conv = [kan if level in levels else plain for level in range(len(enc))]
         self.encoder = nn.ModuleList()
         channels = in_channels
-        for height, mid, out, dilated in enc:
-            self.encoder.append(RSUBlock(conv, channels, mid, out, height, dilated))
+        for level, (height, mid, out, dilated) in enumerate(enc):
+            self.encoder.append(RSUBlock(conv[level], channels, mid, out, height, dilated))
             channels = out
         self.decoder = nn.ModuleList()
         for level, (height, mid, out, dilated) in enumerate(dec):
             below = dec[level + 1][2] if level + 1 < len(dec) else enc[-1][2]
-            self.decoder.append(RSUBlock(conv, below + enc[level][2], mid, out, height, dilated))
+            self.decoder.append(RSUBlock(conv[level], below + enc[level][2], mid, out, height,
+                                         dilated))
         side_channels = [d[2] for d in dec] + [enc[-1][2]]
         conv_cls = Conv[Conv.CONV, spatial_dims]
         self.sides = nn.ModuleList([conv_cls(c, out_channels, 3, padding=1) for c in side_channels])

@@ -5,9 +5,10 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
-from kanseg.layers import create_norm
-
-from .blocks import BLOCK_KINDS, ConvFactory, check_bottom_size, crop_to, pad_to_multiple, res_stage
+from .blocks import (
+    BLOCK_KINDS, ConvFactory, PlainConvFactory, check_bottom_size, check_kan_levels, crop_to,
+    pad_to_multiple, res_stage,
+)
 from .registry import register_model
 
 
@@ -19,7 +20,12 @@ class UKANet(nn.Module):
     output is cropped back. With ``deep_supervision``, training-mode forward returns a list of
     logits ``[full-res, 1/2, 1/4, ...]`` (``supervision_levels`` in all); eval mode returns the
     full-resolution tensor.
-    ``plain_stem`` replaces the first KAN conv by a plain conv + norm + activation.
+    ``kan_levels`` lists the levels (0 = full resolution, ``depth`` = bottom) whose encoder and
+    decoder blocks are KAN; the other levels use plain residual conv blocks with the same norm
+    and activation (U-KAN's layout: KAN only at the coarse levels, where it is cheap). ``None``
+    (the default) makes every level KAN; ``[]`` gives a plain residual U-Net.
+    ``plain_stem`` replaces the first KAN conv by a plain conv + norm + activation (implied
+    when level 0 is not in ``kan_levels``).
     ``stem_stride=2`` runs the whole U-Net at half resolution and upsamples the logits with a
     learned transposed conv: about 8x less compute in 3D (the fast setting for CPU training).
     ``bottleneck_convs`` uses squeeze/expand bottleneck KAN convs for every 3x3 conv.
@@ -43,6 +49,7 @@ class UKANet(nn.Module):
         plain_stem: bool = False,
         stem_stride: int = 1,
         bottleneck_convs: bool = False,
+        kan_levels: list[int] | None = None,
         **family_options,
     ):
         super().__init__()
@@ -67,19 +74,14 @@ class UKANet(nn.Module):
         self.deep_supervision = deep_supervision
         self.supervision_levels = supervision_levels if deep_supervision else 1
         channels = [base * 2**i for i in range(depth + 1)]
-        conv = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
-
-        if plain_stem:
-            self.stem: nn.Module = nn.Sequential(
-                Conv[Conv.CONV, spatial_dims](in_channels, channels[0], 3, stride=stem_stride,
-                                              padding=1, bias=False),
-                create_norm(norm, spatial_dims, channels[0]),
-                conv.activation(),
-            )
-        else:
-            self.stem = conv(in_channels, channels[0], 3, stride=stem_stride)
+        levels = check_kan_levels(kan_levels, depth + 1)
+        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
+        plain = PlainConvFactory(spatial_dims, norm, family_options.get("activation", "silu"))
+        conv = [kan if level in levels else plain for level in range(depth + 1)]
+        stem = plain if plain_stem else conv[0]
+        self.stem = stem(in_channels, channels[0], 3, stride=stem_stride)
         self.encoder = nn.ModuleList(
-            [res_stage(conv, channels[max(i - 1, 0)], channels[i], blocks_per_stage,
+            [res_stage(conv[i], channels[max(i - 1, 0)], channels[i], blocks_per_stage,
                        stride=1 if i == 0 else 2, kind=block) for i in range(depth + 1)]
         )
         up_conv = Conv[Conv.CONVTRANS, spatial_dims]
@@ -87,7 +89,7 @@ class UKANet(nn.Module):
             [up_conv(channels[i + 1], channels[i], 2, stride=2, bias=False) for i in range(depth)]
         )
         self.decoder = nn.ModuleList(
-            [res_stage(conv, 2 * channels[i], channels[i], blocks_per_stage, kind=block)
+            [res_stage(conv[i], 2 * channels[i], channels[i], blocks_per_stage, kind=block)
              for i in range(depth)]
         )
         head = Conv[Conv.CONV, spatial_dims]
