@@ -7,7 +7,8 @@ the same run, round-robin so that load from other processes hits all of them ali
 * ``floor``: one ConvNd over ``in * n_expanded`` channels (``in * (degree + 2)`` for KAGN) on a
   precomputed input that requires grad: the arithmetic floor of a fused KAN layer;
 * ``tck``: torch-conv-kan's KAGNConv2DLayer / KAGNConv3DLayer (KAGN rows only), imported at run
-  time from a copy exported outside this repository; the column is skipped when it is absent.
+  time from the reference checkout ``../shared/reference/torch-conv-kan`` next to this repository
+  (``--tck``); the column is skipped when it is absent.
 
 Run ``python benchmarks/layers.py --help``.
 """
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 from kanseg.layers import BASIS_REGISTRY, KANConv, create_kan_conv
 
-DEFAULT_TCK = Path("/work/.mirror/IvanDrokin+torch-conv-kan/repo")
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TCK = REPO.parent / "shared" / "reference" / "torch-conv-kan"
 CASES = {2: dict(batch=8, channels=32, size=64), 3: dict(batch=2, channels=16, size=32)}
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}

@@ -394,13 +394,32 @@ def test_dense_block_diagonal_strategy_equals_grouped(dims):
     """The block-diagonal dense execution gives the grouped layer's outputs and gradients."""
     x = torch.randn((2, 6) + (5,) * dims, dtype=torch.float64, requires_grad=True)
     results = []
-    for strategy in ("grouped", "dense", "auto"):
+    for strategy in ("grouped", "dense", "auto", "heuristic"):
         layer = make("kagn", dims=dims, cin=6, cout=9, groups=3, padding=1, stride=2, conv_strategy=strategy)
         y = layer(x)
         grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
         results.append((y, grads))
     for other in results[1:]:
         torch.testing.assert_close(other, results[0])
+
+
+@pytest.mark.parametrize("dims, groups, expected", [
+    (2, 4, "grouped"), (3, 1, "grouped"), (3, 4, "dense"), (3, 8, "dense"), (3, 16, "grouped"),
+])
+def test_default_strategy_is_deterministic_without_timing(monkeypatch, dims, groups, expected):
+    """The default strategy is ``heuristic``: a fixed rule on CPU that never runs the timer."""
+    from kanseg.layers import strategy
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the default strategy must not time convolutions")
+
+    monkeypatch.setattr(strategy, "_best_times", no_timing)
+    layer = create_kan_conv("kagn", dims, 2 * groups, 2 * groups, 3, padding=1, groups=groups)
+    for module in (layer, create_kan_conv("kagn", dims, 16, 16, 3, groups=groups, bottleneck=True)):
+        assert all(m.conv_strategy == "heuristic" for m in module.modules() if isinstance(m, KANConv))
+    x = torch.randn((1, 2 * groups) + (4,) * dims)
+    layer(x).sum().backward()
+    assert layer.conv_weight(x)[1] == (1 if expected == "dense" else groups)
 
 
 def test_gradcheck_learnable_base_activation_with_recompute():

@@ -7,7 +7,12 @@ from typing import Literal, Optional
 
 @dataclass
 class TrainerConfig:
-    """How to optimise: budget, optimiser, schedule, precision, checkpoints and logging."""
+    """How to optimise: budget, optimiser, schedule, precision, checkpoints and logging.
+
+    ``compile: true`` runs the training forward through ``torch.compile`` (inductor); validation
+    and checkpoints use the plain module. Where compilation cannot run (no C++ compiler on CPU,
+    no Triton on GPU) the trainer logs a warning and trains eagerly.
+    """
 
     max_epochs: int = 100
     max_minutes: Optional[float] = None
@@ -25,6 +30,7 @@ class TrainerConfig:
     ema: Optional[float] = None
     seed: int = 0
     deterministic: bool = False
+    compile: bool = False
     val_every: int = 1
     ckpt_every_steps: Optional[int] = None
     keep_last: int = 2

@@ -105,6 +105,22 @@ def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainerConfig) -> torch
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) + 1
+
+
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile(model)``, or ``model`` itself with a warning when a tiny probe shows that
+    compilation cannot run on ``device`` (no C++ compiler, no Triton...)."""
+    try:
+        torch.compile(_probe)(torch.ones(2, device=device))
+    except Exception as err:  # noqa: BLE001 - whatever the backend raises, train eagerly
+        log.warning("trainer.compile=true but torch.compile cannot run here (%s: %s); training "
+                    "without compilation", type(err).__name__, str(err).split("\n", 1)[0])
+        return model
+    return torch.compile(model)
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         tqdm.write(self.format(record))
@@ -147,6 +163,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         optimizer = build_optimizer(self.params, cfg)
         self.model, self.optimizer, self.loader = self.acc.prepare(model, optimizer, loader)
+        self.train_forward = (compile_model(self.model, self.acc.device) if cfg.compile
+                              else self.model)
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum)
         warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                   else round(cfg.warmup_epochs * self.steps_per_epoch))
@@ -207,7 +225,7 @@ class Trainer:
             inputs, targets = self.split_batch(batch)
             with acc.accumulate(self.model):
                 with acc.autocast():
-                    loss = self.loss_fn(self.model(inputs), targets)
+                    loss = self.loss_fn(self.train_forward(inputs), targets)
                 acc.backward(loss)
                 st.batch += 1
                 if torch.isfinite(loss.detach()):

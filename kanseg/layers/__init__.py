@@ -34,7 +34,8 @@ def create_kan_conv(
 
     ``family_options`` holds the basis options (``degree``, ``grid_size``, ``wavelet``...) and
     the layer options ``norm``, ``activation``, ``base_activation``, ``dropout``, ``affine``,
-    ``recompute`` and ``conv_strategy`` (``auto``/``grouped``/``dense``). Layer options not given
+    ``recompute`` and ``conv_strategy`` (deterministic ``heuristic`` by default, timed ``auto``
+    opt-in, or ``grouped``/``dense``; see :mod:`kanseg.layers.strategy`). Layer options not given
     take the family's ``layer_defaults`` (torch-conv-kan's choice of base activation, output
     norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1
     squeeze / expand convs.

@@ -45,7 +45,7 @@ class KANBottleneckConv(nn.Module):
         dropout: float = 0.0,
         affine: bool = True,
         recompute: bool = True,
-        conv_strategy: str = "auto",
+        conv_strategy: str = "heuristic",
     ):
         super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:

@@ -184,7 +184,12 @@ class _ExpandConv(torch.autograd.Function):
 
 
 class KANConv(nn.Module):
-    """A KAN convolution layer for any basis family and 1, 2 or 3 spatial dims."""
+    """A KAN convolution layer for any basis family and 1, 2 or 3 spatial dims.
+
+    ``conv_strategy`` picks how grouped convolutions run: ``"heuristic"`` (default,
+    deterministic), ``"auto"`` (opt-in, timed once per shape), ``"grouped"`` or ``"dense"``;
+    see :mod:`kanseg.layers.strategy`.
+    """
 
     def __init__(
         self,
@@ -204,7 +209,7 @@ class KANConv(nn.Module):
         affine: bool = True,
         recompute: bool = True,
         use_base: bool = True,
-        conv_strategy: str = "auto",
+        conv_strategy: str = "heuristic",
     ):
         super().__init__()
         if spatial_dims not in (1, 2, 3):

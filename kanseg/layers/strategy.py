@@ -2,8 +2,12 @@
 weight (oneDNN's grouped 3D convolutions on CPU can be several times slower than a dense one
 with ``groups`` times the arithmetic).
 
-``"auto"`` measures both once per (device, dtype, shapes, geometry) and caches the faster in a
-plain dict keyed by strings and ints.
+* ``"heuristic"`` (the default) decides from the device, the number of spatial dims and
+  ``groups`` alone, so a run (and its resume) never depends on timing noise: dense for 3D
+  convolutions on CPU with ``2 <= groups <= DENSE_MAX_GROUPS``, grouped otherwise.
+* ``"auto"`` (opt-in) measures both once per (device, dtype, shapes, geometry) and caches the
+  faster in a plain dict keyed by strings and ints; the choice may differ between runs.
+* ``"grouped"`` / ``"dense"`` force one.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-STRATEGIES = ("auto", "grouped", "dense")
+STRATEGIES = ("heuristic", "auto", "grouped", "dense")
+DENSE_MAX_GROUPS = 8
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECISIONS: dict[tuple, str] = {}
 
@@ -61,13 +66,16 @@ def conv_strategy(requested: str, input_shape: tuple[int, ...], weight_shape: tu
     """``"grouped"`` or ``"dense"`` for convolving an input of ``input_shape`` with a grouped
     weight of ``weight_shape``; ``geometry`` is ``(stride, padding, dilation)``.
 
-    ``"auto"`` chooses ``"grouped"`` off CPU, for ``groups == 1`` and while tracing or compiling
-    (unless that key was already measured).
+    ``"heuristic"`` and ``"auto"`` choose ``"grouped"`` off CPU and for ``groups == 1``;
+    ``"auto"`` also while tracing or compiling (unless that key was already measured).
     """
-    if requested != "auto":
+    if requested in ("grouped", "dense"):
         return requested
     if groups == 1 or device.type != "cpu":
         return "grouped"
+    if requested == "heuristic":
+        dense = len(input_shape) == 5 and groups <= DENSE_MAX_GROUPS
+        return "dense" if dense else "grouped"
     key = (device.type, str(dtype), tuple(input_shape), tuple(weight_shape), *geometry, groups)
     if key not in _DECISIONS:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
