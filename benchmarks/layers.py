@@ -79,11 +79,13 @@ def step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def candidates(dims: int, groups: int, families: list[str], tck) -> dict[str, tuple[nn.Module, torch.Tensor]]:
-    """Modules to time and the input each runs on."""
+def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: int = 1,
+               dtype: torch.dtype = torch.float32) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Modules to time and the input each runs on (on the default device, in ``dtype``)."""
     case = CASES[dims]
-    channels, shape = case["channels"], (case["batch"], case["channels"]) + (case["size"],) * dims
-    x = torch.randn(shape, requires_grad=True)
+    channels = case["channels"]
+    shape = (case["batch"] * batch_scale, channels) + (case["size"],) * dims
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
     runs: dict[str, tuple[nn.Module, torch.Tensor]] = {}
     runs["plain"] = (nn.Sequential(CONV[dims](channels, channels, 3, padding=1, groups=groups, bias=False),
                                    NORM[dims](channels, affine=True), nn.SiLU()), x)
@@ -92,7 +94,7 @@ def candidates(dims: int, groups: int, families: list[str], tck) -> dict[str, tu
         runs[family] = (layer, x)
         width = channels * layer.n_expanded
         if f"floor{width}" not in runs:
-            floor_x = torch.randn((shape[0], width) + shape[2:], requires_grad=True)
+            floor_x = torch.randn((shape[0], width) + shape[2:], dtype=dtype, requires_grad=True)
             runs[f"floor{width}"] = (CONV[dims](width, channels, 3, padding=1, groups=groups, bias=False),
                                      floor_x)
     if "kagn" in families:
@@ -101,7 +103,13 @@ def candidates(dims: int, groups: int, families: list[str], tck) -> dict[str, tu
     if tck is not None and "kagn" in families:
         cls = tck.KAGNConv2DLayer if dims == 2 else tck.KAGNConv3DLayer
         runs["tck"] = (cls(channels, channels, 3, degree=3, padding=1, groups=groups), x)
-    return runs
+    return {name: (module.to(dtype), x) for name, (module, x) in runs.items()}
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int,
@@ -109,11 +117,13 @@ def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int,
     """Seconds of forward + backward per candidate and round, timed round-robin."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for module, x in runs.values():
-        step(module, x)()  # warm-up: oneDNN primitives, conv strategy choice
+        step(module, x)()  # warm-up: oneDNN / cuDNN primitives, conv strategy choice
     for _ in tqdm(range(repeats), desc=label, leave=False):
         for name, (module, x) in runs.items():
+            synchronize()
             start = time.perf_counter()
             step(module, x)()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -135,19 +145,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="timed runs per candidate (median); default 5, 3 with --quick")
     parser.add_argument("--tck", type=Path, default=DEFAULT_TCK,
                         help="torch-conv-kan checkout or git dir (column skipped if absent)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="dtype of every module and input (bf16: the whole layer in bf16)")
+    parser.add_argument("--batch-scale", type=int, default=1,
+                        help="multiply the batch of each case (larger work per call on a GPU)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    torch.set_default_device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     families = args.families or (["kagn"] if args.quick else list(BASIS_REGISTRY))
     repeats = args.repeats or (3 if args.quick else 5)
     tck = load_torch_conv_kan(args.tck)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={repeats}, "
-          f"torch-conv-kan: {'yes' if tck else 'absent'}")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {device}, {args.dtype}, repeats={repeats}, "
+          f"batch x{args.batch_scale}, torch-conv-kan: {'yes' if tck else 'absent'}")
     header = ("| family | dims | groups | fwd+bwd ms | x plain | x floor | x tck | saved / input |\n"
               "|---|---|---|---|---|---|---|---|")
     rows = []
     for dims in args.dims:
         for groups in args.groups:
-            runs = candidates(dims, groups, families, tck)
+            runs = candidates(dims, groups, families, tck, args.batch_scale, dtype)
             times = measure(runs, repeats, f"{dims}D groups={groups}")
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
             for name in [*families, "kagn recompute=False", "tck", "plain"]:
