@@ -11,12 +11,15 @@ examples:
                --set trainer.max_epochs=2 --set trainer.mixed_precision=bf16
   kanseg train --config configs/demo3d.yaml --run-dir runs/demo      # fixed run folder
   kanseg train --run-dir runs/demo --resume                            # continue exactly
+  kanseg train --config configs/demo3d.yaml --run-dir runs/demo --overwrite  # old run aside
   accelerate launch --num_processes 4 -m kanseg.cli train --config configs/brats3d.yaml  # 4 GPUs
   torchrun --nproc_per_node 2 -m kanseg.cli train --config configs/demo3d.yaml    # 2 CPU procs
 
 The run folder (default runs/<config name>-<UTC time>) receives config.yaml (resolved),
 train.log, metrics.csv, tb/ (TensorBoard), loss.png / dice.png and checkpoints/{last,best}/
 (model.safetensors + meta.json; last/ also holds the full resumable state).
+A folder that holds a run is refused unless --resume or --overwrite; train.lock (pid, host)
+keeps a second training out while one runs.
 """
 
 
@@ -35,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="resume exactly from PATH (run folder or checkpoint folder); without "
                         "PATH, from <run-dir>/checkpoints/last")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a previous run in --run-dir aside (to <run-dir>.replaced-<time>) "
+                        "and start afresh; without it, a folder holding a run is refused")
     p.add_argument("--no-check", action="store_true", help="skip the dataset check")
     p.set_defaults(func=run)
 
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, args.overrides)
     if run_dir is None:  # every process must agree on the timestamped folder
         run_dir = broadcast_object_list([default_run_dir(config)])[0]
-    state = train(cfg, run_dir, resume=resume, check=not args.no_check)
+    state = train(cfg, run_dir, resume=resume, check=not args.no_check,
+                  overwrite=args.overwrite)
     print(f"done: {state.epoch} epochs, {state.step} steps; best {cfg.trainer.monitor} = "
           f"{state.best if state.best is not None else 'n/a'}; run folder: {run_dir}")
     return 0

@@ -1,6 +1,7 @@
 """Segmentation training from a :class:`kanseg.config.Config` (what ``kanseg train`` runs)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from ..data.check import check_dataset
 from ..data.layouts import DataError
 from ..schema import ConfigError
 from .losses import build_loss
+from .rundir import RunDirError, claim_run_dir
 from .trainer import Trainer, TrainState, process_state, seed_everything, setup_logging
 from .validation import SegmentationValidator
 
@@ -47,9 +49,26 @@ def resolve_channels(cfg: Config) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = None,
-          check: bool = True) -> TrainState:
+          check: bool = True, overwrite: bool = False) -> TrainState:
+    """Claim ``run_dir`` (see :func:`claim_run_dir`) and train into it."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if _is_main():  # the main process holds the lock; every process learns a refusal
+            try:
+                stack.enter_context(claim_run_dir(run_dir, resume is not None, overwrite))
+            except RunDirError as err:
+                error = str(err)
+        if process_state().num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise RunDirError(error)
+        return _train(cfg, Path(run_dir), resume, check)
+
+
+def _train(cfg: Config, run_dir: Path, resume: str | Path | None, check: bool) -> TrainState:
     """Check the data, build loaders/model/loss/validator and train into ``run_dir``."""
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, main=_is_main())
     if check:

@@ -1,0 +1,67 @@
+"""Run folders are never clobbered or shared: a finished run is refused without --resume,
+--overwrite moves it aside whole, and train.lock keeps a second (real) process out."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kanseg.cli import main
+from test_train import synth_root, tiny_config  # noqa: F401 (fixture)
+
+HOLDER = """
+import sys, time
+from kanseg.engine.rundir import claim_run_dir
+with claim_run_dir(sys.argv[1], resume=False, overwrite=False):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _train(config: Path, run: Path, *extra: str) -> int:
+    return main(["train", "--config", str(config), "--run-dir", str(run), "--no-check", *extra])
+
+
+def test_finished_run_is_refused_and_overwrite_moves_it_aside(tmp_path, synth_root, capsys):
+    config = tiny_config(tmp_path, synth_root, max_epochs=1)
+    run = tmp_path / "run"
+    assert _train(config, run) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+              if p.is_file() and p.name != "train.log"}
+    capsys.readouterr()
+    assert _train(config, run) == 1
+    err = capsys.readouterr().err
+    assert str(run) in err and "--resume" in err and "--overwrite" in err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+             if p.is_file() and p.name != "train.log"}
+    assert after == before, "a refused run changed the folder"
+    assert not (run / "train.lock").exists()
+
+    assert _train(config, run, "--overwrite") == 0
+    [old] = tmp_path.glob("run.replaced-*")
+    assert (old / "metrics.csv").read_bytes() == before[Path("metrics.csv")]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.is_symlink()) == \
+        ["epoch-0001"]
+    assert _train(config, run, "--resume", "--overwrite") == 1
+
+
+def test_lock_keeps_a_second_process_out_and_stale_locks_are_taken_over(tmp_path, synth_root,
+                                                                        capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = tiny_config(tmp_path, synth_root, max_epochs=1)
+        assert _train(config, run) == 1
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "train.lock" in err
+        assert not (run / "config.yaml").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (run / "train.lock").exists()  # killed: the lock is stale now
+    assert _train(config, run) == 0
+    assert (run / "metrics.csv").is_file() and not (run / "train.lock").exists()
