@@ -93,15 +93,6 @@ def _channel_param(param: Tensor, x: Tensor) -> Tensor:
     return param.repeat(groups, 1).view((1, x.shape[1], param.shape[1]) + (1,) * (x.dim() - 2))
 
 
-def _group_minmax(x: Tensor, channels_per_group: int) -> Tensor:
-    """Scale ``x`` to [-1, 1] by its min and max over each group (batch included)."""
-    grouped = x.reshape(x.shape[0], x.shape[1] // channels_per_group, -1)
-    lo = grouped.amin(dim=(0, 2), keepdim=True)
-    hi = grouped.amax(dim=(0, 2), keepdim=True)
-    span = (hi - lo).clamp_min(torch.finfo(x.dtype).tiny)
-    return (2.0 * (grouped - lo) / span - 1.0).view_as(x)
-
-
 class PolynomialBasis(Basis):
     """A family of polynomials of degree 0..``degree``: one basis function per degree."""
 
@@ -111,91 +102,167 @@ class PolynomialBasis(Basis):
         self.n_basis = degree + 1
 
 
+def _sub_scaled_(target: Tensor, tensor: Tensor, scale: Tensor | float) -> None:
+    """``target -= scale * tensor`` in place, for a 0-dim tensor or a float ``scale``."""
+    if isinstance(scale, Tensor):
+        target.addcmul_(tensor, -scale)
+    else:
+        target.add_(tensor, alpha=-scale)
+
+
+class RecurrenceBasis(PolynomialBasis):
+    """Polynomials of ``t = argument(x)`` by a three-term recurrence, with one analytic VJP.
+
+    P_0 = 1, P_1 = a_1 t + b_1, P_n = (a_n t + b_n) P_{n-1} - c_n P_{n-2}; the basis is P, or
+    SiLU(P) when ``silu_output``. A family gives the argument and its VJP, and the coefficients
+    (``c`` may depend on the basis parameters: their gradients come from autograd over the
+    ``degree + 1`` coefficients, the elementwise work is differentiated analytically).
+    """
+
+    silu_output: bool = False
+
+    def argument(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """``t`` and its VJP (``grad_t -> grad_x``); ``tanh(x)`` by default."""
+        t = torch.tanh(x)
+        return t, lambda grad_t: torch.ops.aten.tanh_backward(grad_t, t)
+
+    def recurrence(self, params: list[Tensor], like: Tensor
+                   ) -> tuple[list[float], list[float], Tensor | list[float]]:
+        """``(a, b, c)`` indexed by n (``a[0]``, ``b[0]``, ``c[0]``, ``c[1]`` unused); ``c`` is
+        either constants or a tensor like ``like`` computed from ``params`` (the basis
+        parameters in order)."""
+        raise NotImplementedError
+
+    def _polynomials_into(self, t: Tensor, a: list[float], b: list[float],
+                          c: Tensor | list[float], out: Tensor) -> None:
+        """P_0..P_degree of ``t`` written into ``out[:, :, n]``, without autograd."""
+        out[:, :, 0] = 1.0
+        if self.degree >= 1:
+            torch.mul(t, a[1], out=out[:, :, 1]).add_(b[1])
+        for n in range(2, self.degree + 1):
+            torch.mul(t, out[:, :, n - 1], out=out[:, :, n])
+            if a[n] != 1.0:
+                out[:, :, n].mul_(a[n])
+            if b[n]:
+                out[:, :, n].add_(out[:, :, n - 1], alpha=b[n])
+            _sub_scaled_(out[:, :, n], out[:, :, n - 2], c[n])
+
+    def terms(self, x: Tensor) -> list[Tensor]:
+        t, _ = self.argument(x)
+        a, b, c = self.recurrence(list(self.parameters()), t)
+        polys = [torch.ones_like(t)]
+        if self.degree >= 1:
+            polys.append(a[1] * t + b[1])
+        for n in range(2, self.degree + 1):
+            step = t if (a[n] == 1.0 and not b[n]) else a[n] * t + b[n]
+            polys.append(step * polys[-1] - c[n] * polys[-2])
+        return [F.silu(p) for p in polys] if self.silu_output else polys
+
+    def expand_into(self, x: Tensor, out: Tensor) -> None:
+        t, _ = self.argument(x)
+        self._polynomials_into(t, *self.recurrence(list(self.parameters()), t), out)
+        if self.silu_output:
+            F.silu(out, inplace=True)
+
+    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]]:
+        t, t_vjp = self.argument(x)
+        leaves = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        with torch.enable_grad():
+            a, b, c_graph = self.recurrence(leaves, t)
+        c = c_graph.detach() if isinstance(c_graph, Tensor) else c_graph
+        polys = x.new_empty(out.shape) if self.silu_output else out
+        self._polynomials_into(t, a, b, c, polys)
+        if self.silu_output:
+            F.silu(out.copy_(polys), inplace=True)
+        trained = [leaf for leaf in leaves if leaf.requires_grad]
+
+        def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
+            g = torch.ops.aten.silu_backward(grad, polys) if self.silu_output else grad
+            grad_c = torch.zeros_like(c) if trained else None
+            grad_t = torch.zeros_like(t)
+            for n in range(self.degree, 1, -1):  # reverse of P_n = (a t + b) P_{n-1} - c P_{n-2}
+                g_n = g[:, :, n]
+                if trained:
+                    grad_c[n] = -(g_n * polys[:, :, n - 2]).sum()
+                grad_t.addcmul_(g_n, polys[:, :, n - 1], value=a[n])
+                g[:, :, n - 1].addcmul_(g_n, t, value=a[n])
+                if b[n]:
+                    g[:, :, n - 1].add_(g_n, alpha=b[n])
+                _sub_scaled_(g[:, :, n - 2], g_n, c[n])
+            if self.degree >= 1:
+                grad_t.add_(g[:, :, 1], alpha=a[1])
+            grads = iter(torch.autograd.grad(c_graph, trained, grad_c) if trained else [])
+            return t_vjp(grad_t), [next(grads) if leaf.requires_grad else None for leaf in leaves]
+
+        return vjp
+
+
 @register_basis("kagn")
-class GramBasis(PolynomialBasis):
+class GramBasis(RecurrenceBasis):
     """Gram polynomials of ``tanh(x)`` with learnable recurrence weights ``beta``.
 
     P0 = 1, P1 = t, P_{n} = t P_{n-1} - beta(n-1, n) P_{n-2}, with
     beta(n, m) = w_n * (m + n)(m - n) n^2 / (m^2 / (4 n^2 - 1)); the basis is SiLU(P).
     """
 
+    silu_output = True
+
     def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
         super().__init__(in_channels, degree, kernel_numel)
         std = 1.0 / (kernel_numel * in_channels * (degree + 1.0))
         self.beta_weights = nn.Parameter(torch.randn(degree + 1) * std)
 
-    def _constants(self, like: Tensor) -> Tensor:
+    def recurrence(self, params: list[Tensor], like: Tensor
+                   ) -> tuple[list[float], list[float], Tensor]:
+        (beta,) = params
         n = torch.arange(self.degree + 1, dtype=torch.float64)
         m = n + 1
-        return ((m + n) * (m - n) * n**2 / (m**2 / (4.0 * n**2 - 1.0))).to(like)
+        coeff = ((m + n) * (m - n) * n**2 / (m**2 / (4.0 * n**2 - 1.0))).to(beta) * beta
+        c = torch.cat([coeff.new_zeros(1), coeff[:-1]]).to(like.dtype)  # c_n = beta(n-1, n)
+        return [1.0] * (self.degree + 1), [0.0] * (self.degree + 1), c
 
-    def recurrence_coefficients(self, beta: Tensor | None = None) -> Tensor:
-        """Coefficient c_i multiplying P_{i-2} in the step to P_i (index i = 2..degree), from
-        ``beta`` (default: ``beta_weights``)."""
-        beta = self.beta_weights if beta is None else beta
-        return self._constants(beta) * beta
 
-    def terms(self, x: Tensor) -> list[Tensor]:
-        t = torch.tanh(x)
-        polys = [torch.ones_like(t)]
-        if self.degree >= 1:
-            polys.append(t)
-        coeff = self.recurrence_coefficients()
-        for i in range(2, self.degree + 1):
-            polys.append(t * polys[-1] - coeff[i - 1] * polys[-2])
-        return [F.silu(p) for p in polys]
+class _FixedRecurrence(RecurrenceBasis):
+    """A recurrence with constant coefficients ``step(n) = (a_n, b_n, c_n)``."""
 
-    def _polynomials_into(self, x: Tensor, coeff: Tensor, out: Tensor) -> Tensor:
-        """P_0..P_degree of ``tanh(x)`` written into ``out[:, :, i]``; returns ``tanh(x)``."""
-        t = torch.tanh(x)
-        out[:, :, 0] = 1.0
-        if self.degree >= 1:
-            out[:, :, 1] = t
-        for i in range(2, self.degree + 1):
-            torch.mul(t, out[:, :, i - 1], out=out[:, :, i])
-            out[:, :, i].addcmul_(out[:, :, i - 2], -coeff[i - 1])
-        return t
+    def step(self, n: int) -> tuple[float, float, float]:
+        raise NotImplementedError
 
-    def expand_into(self, x: Tensor, out: Tensor) -> None:
-        self._polynomials_into(x, self.recurrence_coefficients(), out)
-        F.silu(out, inplace=True)
+    def recurrence(self, params: list[Tensor], like: Tensor
+                   ) -> tuple[list[float], list[float], list[float]]:
+        steps = [(0.0, 0.0, 0.0)] + [self.step(n) for n in range(1, self.degree + 1)]
+        a, b, c = (list(column) for column in zip(*steps))
+        return a, b, c
 
-    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
-                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
-        if len(params) != 1:
-            return None
-        beta = params[0]
-        coeff = self.recurrence_coefficients(beta)
-        polys = x.new_empty(out.shape)
-        t = self._polynomials_into(x, coeff, polys)
-        out.copy_(polys)
-        F.silu(out, inplace=True)
 
-        def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
-            g = torch.ops.aten.silu_backward(grad, polys)  # dL/dP_i
-            grad_coeff = torch.zeros_like(coeff)
-            grad_t = None
-            for i in range(self.degree, 1, -1):  # P_i = t P_{i-1} - c_i P_{i-2}, in reverse
-                g_i = g[:, :, i]
-                grad_coeff[i - 1] = -(g_i * polys[:, :, i - 2]).sum()
-                g[:, :, i - 1].addcmul_(g_i, t)
-                g[:, :, i - 2].addcmul_(g_i, -coeff[i - 1])
-                if grad_t is None:
-                    grad_t = g_i * polys[:, :, i - 1]
-                else:
-                    grad_t.addcmul_(g_i, polys[:, :, i - 1])
-            if self.degree == 0:
-                grad_x = torch.zeros_like(x)
-            else:
-                grad_t = g[:, :, 1].clone() if grad_t is None else grad_t.add_(g[:, :, 1])
-                grad_x = torch.ops.aten.tanh_backward(grad_t, t)
-            return grad_x, [grad_coeff * self._constants(beta)]
+def _group_minmax(x: Tensor, channels_per_group: int
+                  ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` scaled to [-1, 1] by its min and max over each group (batch included), and the VJP
+    of that scaling (ties of the min or max share their gradient evenly, as autograd does)."""
+    grouped = x.reshape(x.shape[0], x.shape[1] // channels_per_group, -1)
+    lo = grouped.amin(dim=(0, 2), keepdim=True)
+    hi = grouped.amax(dim=(0, 2), keepdim=True)
+    tiny = torch.finfo(x.dtype).tiny
+    span = (hi - lo).clamp_min(tiny)
+    s = 2.0 * (grouped - lo) / span - 1.0
 
-        return vjp
+    def vjp(grad_s: Tensor) -> Tensor:
+        g = grad_s.reshape(grouped.shape)
+        dims = (0, 2)
+        grad_span = -(g * (s + 1.0)).sum(dims, keepdim=True) / span * ((hi - lo) >= tiny)
+        grad_lo = -2.0 * g.sum(dims, keepdim=True) / span - grad_span
+        grad_x = g * (2.0 / span)
+        for value, grad in ((lo, grad_lo), (hi, grad_span)):
+            ties = (grouped == value).to(x.dtype)
+            grad_x.addcmul_(ties, grad / ties.sum(dims, keepdim=True))
+        return grad_x.view_as(x)
+
+    return s.view_as(x), vjp
 
 
 @register_basis("kaln")
-class LegendreBasis(PolynomialBasis):
+class LegendreBasis(_FixedRecurrence):
     """Legendre polynomials of ``x`` min-max scaled to [-1, 1] over each group.
 
     P0 = 1, P1 = s, (n + 1) P_{n+1} = (2n + 1) s P_n - n P_{n-1}. The base branch sees ``x``
@@ -208,18 +275,15 @@ class LegendreBasis(PolynomialBasis):
         super().__init__(in_channels, degree, kernel_numel)
         self.in_channels = in_channels
 
-    def terms(self, x: Tensor) -> list[Tensor]:
-        s = _group_minmax(x, self.in_channels)
-        polys = [torch.ones_like(s)]
-        if self.degree >= 1:
-            polys.append(s)
-        for n in range(1, self.degree):
-            polys.append(((2 * n + 1) * s * polys[-1] - n * polys[-2]) / (n + 1))
-        return polys
+    def argument(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        return _group_minmax(x, self.in_channels)
+
+    def step(self, n: int) -> tuple[float, float, float]:
+        return (2 * n - 1) / n, 0.0, (n - 1) / n
 
 
 @register_basis("kacn")
-class ChebyshevBasis(PolynomialBasis):
+class ChebyshevBasis(_FixedRecurrence):
     """Chebyshev polynomials of the first kind of ``tanh(x)``: T_n(t) = cos(n arccos t).
 
     Evaluated by the recurrence T_{n+1} = 2 t T_n - T_{n-1}, which equals torch-conv-kan's
@@ -230,18 +294,12 @@ class ChebyshevBasis(PolynomialBasis):
     use_base = False
     layer_defaults = {"activation": None}
 
-    def terms(self, x: Tensor) -> list[Tensor]:
-        t = torch.tanh(x)
-        polys = [torch.ones_like(t)]
-        if self.degree >= 1:
-            polys.append(t)
-        for _ in range(2, self.degree + 1):
-            polys.append(2.0 * t * polys[-1] - polys[-2])
-        return polys
+    def step(self, n: int) -> tuple[float, float, float]:
+        return (1.0, 0.0, 0.0) if n == 1 else (2.0, 0.0, 1.0)
 
 
 @register_basis("kajn")
-class JacobiBasis(PolynomialBasis):
+class JacobiBasis(_FixedRecurrence):
     """Jacobi polynomials P_n^(alpha, beta) of ``tanh(x)`` by the three-term recurrence.
 
     The base branch sees ``x`` without activation, as in torch-conv-kan's KAJN.
@@ -256,24 +314,14 @@ class JacobiBasis(PolynomialBasis):
             raise ValueError(f"alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
         self.alpha, self.beta = float(alpha), float(beta)
 
-    def step_coefficients(self, n: int) -> tuple[float, float, float]:
-        """(A, B, C) with P_n = (A t + B) P_{n-1} - C P_{n-2}, for n >= 2."""
+    def step(self, n: int) -> tuple[float, float, float]:
         a, b = self.alpha, self.beta
+        if n == 1:
+            return 0.5 * (a + b + 2), 0.5 * (a - b), 0.0
         s = 2 * n + a + b
         denom = 2 * n * (n + a + b) * (s - 2)
         return (s * (s - 1) * (s - 2) / denom, (s - 1) * (a * a - b * b) / denom,
                 2 * (n + a - 1) * (n + b - 1) * s / denom)
-
-    def terms(self, x: Tensor) -> list[Tensor]:
-        t = torch.tanh(x)
-        polys = [torch.ones_like(t)]
-        if self.degree >= 1:
-            a, b = self.alpha, self.beta
-            polys.append(0.5 * (a - b) + 0.5 * (a + b + 2) * t)
-        for n in range(2, self.degree + 1):
-            ca, cb, cc = self.step_coefficients(n)
-            polys.append((ca * t + cb) * polys[-1] - cc * polys[-2])
-        return polys
 
 
 @register_basis("kabn")
@@ -282,7 +330,7 @@ class BernsteinBasis(PolynomialBasis):
 
     torch-conv-kan's KABN evaluates a de Casteljau recursion seeded with ones, which makes
     every basis function 1; this class computes the Bernstein basis it intends. The base
-    branch sees ``x`` without activation, as there.
+    branch sees ``x`` without activation, as there. Analytic VJP: db_k/dx = b_k (k - n t).
     """
 
     layer_defaults = {"base_activation": "identity"}
@@ -296,6 +344,34 @@ class BernsteinBasis(PolynomialBasis):
             s_pows.append(s_pows[-1] * s)
         n = self.degree
         return [math.comb(n, k) * t_pows[k] * s_pows[n - k] for k in range(n + 1)]
+
+    def _bernstein_into(self, x: Tensor, out: Tensor) -> Tensor:
+        """The basis written into ``out`` without autograd; returns ``t``."""
+        n = self.degree
+        t, s = torch.sigmoid(x), torch.sigmoid(-x)
+        out[:, :, 0] = 1.0
+        for k in range(1, n + 1):  # t^k
+            torch.mul(out[:, :, k - 1], t, out=out[:, :, k])
+        s_pow = torch.ones_like(s)
+        for k in range(n - 1, -1, -1):  # times C(n, k) s^(n - k)
+            out[:, :, k].mul_(s_pow.mul_(s)).mul_(math.comb(n, k))
+        return t
+
+    def expand_into(self, x: Tensor, out: Tensor) -> None:
+        self._bernstein_into(x, out)
+
+    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]]:
+        t = self._bernstein_into(x, out)
+
+        def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
+            weighted = grad * out  # g_k b_k
+            ks = torch.arange(self.degree + 1, dtype=x.dtype, device=x.device)
+            ks = ks.view((1, 1, -1) + (1,) * (x.dim() - 2))
+            grad_x = (weighted * ks).sum(2) - self.degree * t * weighted.sum(2)
+            return grad_x, []
+
+        return vjp
 
 
 @register_basis("fastkan")
@@ -472,6 +548,7 @@ def create_basis(family: str, in_channels: int, kernel_numel: int, **options) ->
 __all__ = [
     "BASIS_REGISTRY", "WAVELETS", "Basis", "BernsteinBasis", "BSplineBasis", "ChebyshevBasis",
     "GaussianRBFBasis", "GramBasis", "JacobiBasis", "LegendreBasis", "PolynomialBasis",
+    "RecurrenceBasis",
     "ReLUBumpBasis",
     "WaveletBasis", "basis_class", "create_basis", "register_basis",
 ]
