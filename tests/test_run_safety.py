@@ -1,8 +1,11 @@
 """Run folders are never clobbered or shared: a finished run is refused without --resume,
---overwrite moves it aside whole, and train.lock keeps a second (real) process out."""
+--overwrite moves it aside whole, train.lock keeps a second (real) process out, and a
+resume after a kill during the end-of-epoch checkpoint keeps the epoch's metrics."""
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,3 +68,39 @@ def test_lock_keeps_a_second_process_out_and_stale_locks_are_taken_over(tmp_path
     assert (run / "train.lock").exists()  # killed: the lock is stale now
     assert _train(config, run) == 0
     assert (run / "metrics.csv").is_file() and not (run / "train.lock").exists()
+
+
+def _rows(run: Path) -> list[dict]:
+    return list(csv.DictReader(open(run / "metrics.csv")))
+
+
+def test_resume_after_a_kill_in_each_end_of_epoch_checkpoint_phase_keeps_the_epoch_means(
+        tmp_path, synth_root):
+    # 4 batches per epoch: step-00000004 is written at the last batch, then epoch-0001
+    config = tiny_config(tmp_path, synth_root, max_epochs=1, ckpt_every_steps=4, keep_last=3)
+    full = tmp_path / "full"
+    assert _train(config, full) == 0
+    [row] = _rows(full)
+    assert float(row["train_loss"]) > 0 and float(row["patches_per_s"]) > 0
+    ckpts = full / "checkpoints"
+    assert os.readlink(ckpts / "last") == "epoch-0001" and (ckpts / "step-00000004").is_dir()
+
+    # killed while epoch-0001 was staged: last still points at the step checkpoint, which
+    # holds every batch of the epoch, and no metrics.csv was written yet
+    staged = tmp_path / "staged"
+    shutil.copytree(full, staged, symlinks=True)
+    os.replace(staged / "checkpoints/epoch-0001", staged / "checkpoints/.tmp-epoch-0001")
+    os.remove(staged / "checkpoints/last")
+    os.remove(staged / "checkpoints/best")
+    os.symlink("step-00000004", staged / "checkpoints/last")
+    os.remove(staged / "metrics.csv")
+    # killed after epoch-0001 was published and linked, before metrics.csv was written
+    published = tmp_path / "published"
+    shutil.copytree(full, published, symlinks=True)
+    os.remove(published / "metrics.csv")
+
+    for run in (staged, published):
+        assert main(["train", "--run-dir", str(run), "--resume", "--no-check"]) == 0
+        [resumed] = _rows(run)
+        assert resumed["train_loss"] == row["train_loss"], run.name
+        assert float(resumed["patches_per_s"]) > 0, run.name

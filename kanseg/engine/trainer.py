@@ -54,6 +54,19 @@ class TrainState:
     best: float | None = None
     best_epoch: int | None = None
     elapsed_s: float = 0.0
+    # running totals of the current epoch (all processes), so that an epoch resumed from a
+    # mid-epoch checkpoint reports its means over all of its batches
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    epoch_patches: int = 0
+    epoch_wait_s: float = 0.0
+    epoch_train_s: float = 0.0
+
+    def next_epoch(self) -> None:
+        """Count the finished epoch and clear its running totals."""
+        self.epoch += 1
+        self.batch = self.epoch_loss_count = self.epoch_patches = 0
+        self.epoch_loss_sum = self.epoch_wait_s = self.epoch_train_s = 0.0
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -183,14 +196,15 @@ class Trainer:
         """Train until ``max_epochs`` or ``max_minutes``; resume exactly from a checkpoint."""
         if resume is not None:
             self._load(resume)
+            if self.acc.is_main_process:  # metrics.csv as of the checkpoint
+                self._write_metrics()
         self.acc.init_trackers("tb")
         self._t0 = time.monotonic() - self.state.elapsed_s
         try:
             while self.state.epoch < self.cfg.max_epochs:
                 finished = self._train_epoch()
                 if finished:
-                    self.state.epoch += 1
-                    self.state.batch = 0
+                    self.state.next_epoch()
                 last = self.state.epoch >= self.cfg.max_epochs or not finished
                 metrics = self._maybe_validate(force=last)
                 self._end_epoch(metrics, partial=not finished)
@@ -216,9 +230,11 @@ class Trainer:
         bar = tqdm(total=len(self.loader), initial=st.batch, disable=not acc.is_main_process,
                    desc=f"epoch {st.epoch + 1}/{cfg.max_epochs}", unit="batch", leave=False,
                    dynamic_ncols=True)
-        loss_sum = torch.zeros((), device=acc.device)
-        count, patches, wait, t_start = 0, 0, 0.0, time.perf_counter()
-        t_prev = t_start
+        main = acc.is_main_process  # resumed totals are global: restored on one process
+        loss_sum = torch.tensor(st.epoch_loss_sum if main else 0.0, device=acc.device)
+        count = st.epoch_loss_count if main else 0
+        patches, wait, t_prev = st.epoch_patches, st.epoch_wait_s, time.perf_counter()
+        t_start = t_prev - st.epoch_train_s
         for batch in loader:
             t_batch = time.perf_counter()
             wait += t_batch - t_prev
@@ -242,6 +258,7 @@ class Trainer:
                 acc.log({"train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0],
                          "train/patches_per_s": rate}, step=st.step)
             if stepped and cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0:
+                self._record_totals(loss_sum, count, patches, wait, t_start)
                 self._save(f"step-{st.step:08d}")
             if stepped and self._out_of_time():
                 bar.close()
@@ -300,13 +317,25 @@ class Trainer:
         left = (bar.total - bar.n) + bar.total * (self.cfg.max_epochs - self.state.epoch - 1)
         return tqdm.format_interval(left / rate) if rate else "?"
 
-    def _reduce_stats(self, loss_sum: torch.Tensor, count: int, patches: int, wait: float,
-                      t_start: float) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - t_start, 1e-9)
+    def _record_totals(self, loss_sum: torch.Tensor, count: int, patches: int, wait: float,
+                       t_start: float) -> None:
+        """Store the epoch's running totals (loss summed over all processes) in the state."""
+        st = self.state
         totals = self.acc.reduce(torch.stack([loss_sum, torch.tensor(float(count),
                                                                      device=self.acc.device)]))
-        return {"train_loss": (totals[0] / totals[1].clamp(min=1)).item(),
-                "patches_per_s": patches / elapsed, "data_wait_frac": wait / elapsed}
+        st.epoch_loss_sum, st.epoch_loss_count = totals[0].item(), int(totals[1].item())
+        st.epoch_patches, st.epoch_wait_s = patches, wait
+        st.epoch_train_s = time.perf_counter() - t_start
+
+    def _reduce_stats(self, loss_sum: torch.Tensor, count: int, patches: int, wait: float,
+                      t_start: float) -> dict[str, float]:
+        """The epoch's mean loss, patches/s and data-wait fraction (recorded in the state)."""
+        self._record_totals(loss_sum, count, patches, wait, t_start)
+        st = self.state
+        elapsed = max(st.epoch_train_s, 1e-9)
+        return {"train_loss": st.epoch_loss_sum / max(st.epoch_loss_count, 1),
+                "patches_per_s": st.epoch_patches / elapsed,
+                "data_wait_frac": st.epoch_wait_s / elapsed}
 
     # ------------------------------------------------------------------ epoch end
     def _maybe_validate(self, force: bool) -> dict[str, float]:
@@ -369,7 +398,8 @@ class Trainer:
             ckpt.save_weights(self.eval_model.state_dict(), tmp / ckpt.WEIGHTS)
             state: dict[str, Any] = {
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "trainer": dataclasses.asdict(st), "num_processes": self.acc.num_processes}
+                "trainer": dataclasses.asdict(st), "num_processes": self.acc.num_processes,
+                "rows": self.rows}
             if self.acc.scaler is not None:
                 state["scaler"] = self.acc.scaler.state_dict()
             if self.ema is not None:
@@ -403,7 +433,8 @@ class Trainer:
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.state = TrainState(**state["trainer"])
-        self.rows = [r for r in self._read_metrics() if int(r["epoch"]) <= self.state.epoch]
+        self.rows = state.get("rows") or [r for r in self._read_metrics()  # older checkpoints
+                                          if int(r["epoch"]) <= self.state.epoch]
         rng = folder / f"rng-{self.acc.process_index}.pt"
         if state.get("num_processes") != self.acc.num_processes or not rng.is_file():
             log.warning("resuming with %d processes from a %s-process checkpoint: the data "
