@@ -1,4 +1,5 @@
-"""Benchmark the KAN convolution core: forward + backward time and saved-for-backward bytes.
+"""Benchmark the KAN convolution core: forward + backward time, saved-for-backward bytes and
+no-grad (inference) forward time.
 
 For every family, 2D and 3D, groups 1 and 4, each layer is timed against baselines measured in
 the same run, round-robin so that load from other processes hits all of them alike:
@@ -79,6 +80,19 @@ def step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+def inference(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One forward of ``module`` on ``x`` under ``torch.no_grad()``."""
+
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+MODES = {"train": step, "no_grad": inference}
+
+
 def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: int = 1,
                dtype: torch.dtype = torch.float32) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """Modules to time and the input each runs on (on the default device, in ``dtype``)."""
@@ -113,18 +127,22 @@ def synchronize() -> None:
 
 
 def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int,
-            label: str) -> dict[str, list[float]]:
-    """Seconds of forward + backward per candidate and round, timed round-robin."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+            label: str) -> dict[str, dict[str, list[float]]]:
+    """Seconds per mode (forward + backward, no-grad forward), candidate and round, timed
+    round-robin."""
+    times = {mode: {name: [] for name in runs} for mode in MODES}
     for module, x in runs.values():
-        step(module, x)()  # warm-up: oneDNN / cuDNN primitives, conv strategy choice
+        for make_run in MODES.values():
+            make_run(module, x)()  # warm-up: oneDNN / cuDNN primitives, conv strategy choice
     for _ in tqdm(range(repeats), desc=label, leave=False):
         for name, (module, x) in runs.items():
-            synchronize()
-            start = time.perf_counter()
-            step(module, x)()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
+            for mode, make_run in MODES.items():
+                run = make_run(module, x)
+                synchronize()
+                start = time.perf_counter()
+                run()
+                synchronize()
+                times[mode][name].append(time.perf_counter() - start)
     return times
 
 
@@ -163,13 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {device}, {args.dtype}, repeats={repeats}, "
           f"batch x{args.batch_scale}, torch-conv-kan: {'yes' if tck else 'absent'}")
-    header = ("| family | dims | groups | fwd+bwd ms | x plain | x floor | x tck | saved / input |\n"
-              "|---|---|---|---|---|---|---|---|")
+    header = ("| family | dims | groups | fwd+bwd ms | x plain | x floor | x tck | saved / input "
+              "| no-grad fwd ms | no-grad x floor |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for dims in args.dims:
         for groups in args.groups:
             runs = candidates(dims, groups, families, tck, args.batch_scale, dtype)
             times = measure(runs, repeats, f"{dims}D groups={groups}")
+            train, no_grad = times["train"], times["no_grad"]
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
             for name in [*families, "kagn recompute=False", "tck", "plain"]:
                 if name not in runs:
@@ -178,9 +197,10 @@ def main(argv: list[str] | None = None) -> None:
                 floor = f"floor{x.shape[1] * module.n_expanded}" if isinstance(module, KANConv) else None
                 saved = saved_bytes(lambda: module(x)) / input_bytes
                 rows.append(
-                    f"| {name} | {dims} | {groups} | {1e3 * statistics.median(times[name]):.0f} | "
-                    f"{ratio(times, name, 'plain')} | {ratio(times, name, floor)} | "
-                    f"{ratio(times, name, 'tck' if name.startswith('kagn') else None)} | {saved:.1f} |"
+                    f"| {name} | {dims} | {groups} | {1e3 * statistics.median(train[name]):.0f} | "
+                    f"{ratio(train, name, 'plain')} | {ratio(train, name, floor)} | "
+                    f"{ratio(train, name, 'tck' if name.startswith('kagn') else None)} | {saved:.1f} | "
+                    f"{1e3 * statistics.median(no_grad[name]):.1f} | {ratio(no_grad, name, floor)} |"
                 )
     print(header)
     print("\n".join(rows))

@@ -1,0 +1,23 @@
+"""benchmarks/layers.py: one small run end to end prints every column for every candidate."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_layers", REPO / "benchmarks" / "layers.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_layers_table(capsys, tmp_path):
+    bench.main(["--families", "kacn", "--dims", "3", "--groups", "2", "--repeats", "1",
+                "--tck", str(tmp_path / "absent")])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| family"))
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert set(rows) == {"family", "kacn", "plain"}
+    assert len(rows["kacn"].split("|")) == len(header.split("|"))
+    cells = [c.strip() for c in rows["kacn"].split("|")[1:-1]]
+    assert float(cells[5]) > 0 and float(cells[9]) > 0  # x floor, fwd+bwd and no-grad
+    assert cells[6] == "-"  # torch-conv-kan absent: column skipped
