@@ -138,7 +138,9 @@ class RecurrenceBasis(PolynomialBasis):
         """P_0..P_degree of ``t`` written into ``out[:, :, n]``, without autograd."""
         out[:, :, 0] = 1.0
         if self.degree >= 1:
-            torch.mul(t, a[1], out=out[:, :, 1]).add_(b[1])
+            out[:, :, 1] = t
+            if a[1] != 1.0 or b[1]:
+                out[:, :, 1].mul_(a[1]).add_(b[1])
         for n in range(2, self.degree + 1):
             torch.mul(t, out[:, :, n - 1], out=out[:, :, n])
             if a[n] != 1.0:
@@ -180,12 +182,17 @@ class RecurrenceBasis(PolynomialBasis):
         def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
             g = torch.ops.aten.silu_backward(grad, polys) if self.silu_output else grad
             grad_c = torch.zeros_like(c) if trained else None
-            grad_t = torch.zeros_like(t)
+            grad_t = torch.zeros_like(t) if self.degree < 2 else None
             for n in range(self.degree, 1, -1):  # reverse of P_n = (a t + b) P_{n-1} - c P_{n-2}
                 g_n = g[:, :, n]
                 if trained:
                     grad_c[n] = -(g_n * polys[:, :, n - 2]).sum()
-                grad_t.addcmul_(g_n, polys[:, :, n - 1], value=a[n])
+                if grad_t is None:
+                    grad_t = g_n * polys[:, :, n - 1]
+                    if a[n] != 1.0:
+                        grad_t.mul_(a[n])
+                else:
+                    grad_t.addcmul_(g_n, polys[:, :, n - 1], value=a[n])
                 g[:, :, n - 1].addcmul_(g_n, t, value=a[n])
                 if b[n]:
                     g[:, :, n - 1].add_(g_n, alpha=b[n])
