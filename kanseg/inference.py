@@ -269,6 +269,25 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path,
 
 
 # ----------------------------------------------------------------------------- driver
+def _root_cause(err: BaseException) -> str:
+    """``"<type>: <message>"`` of the innermost exception that ``err`` was raised from."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err).strip() or '(no message)'}"
+
+
+def check_inputs(case: dict, data_cfg: Any) -> None:
+    """Raise :class:`InferenceError` for the input problems that ``kanseg data check`` finds
+    (missing or unreadable files, too few dimensions, NaN/Inf voxels, modality mismatch)."""
+    from kanseg.data.check import CheckReport, check_case
+
+    report = CheckReport()
+    check_case(report, case, data_cfg, allowed=None)
+    if report.errors:
+        raise InferenceError(f"case {case['id']}: " + "; ".join(
+            f"{e.where}: {e.message}" for e in report.errors))
+
+
 def predict_case(case: dict, transform: Any, inverter: Any,
                  predictor: Predictor) -> tuple[torch.Tensor, np.ndarray]:
     """Probabilities ``(K, *S)`` of one case on the grid of its (first) input file, and that
@@ -277,9 +296,8 @@ def predict_case(case: dict, transform: Any, inverter: Any,
     try:
         data = transform({"image": files})
     except Exception as err:  # MONAI wraps reader errors in RuntimeError with a long chain
-        cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise InferenceError(f"case {case['id']}: cannot load/preprocess {files}: {cause}") \
-            from None
+        raise InferenceError(f"case {case['id']}: cannot load/preprocess {files}: "
+                             f"{_root_cause(err)}") from None
     image = data["image"]
     try:
         probs = predictor(image)
@@ -299,10 +317,24 @@ def predict_case(case: dict, transform: Any, inverter: Any,
     return probs, np.asarray(inverted.affine, dtype=np.float64)
 
 
+def check_output(output: Path, cases: Sequence[dict], overwrite: bool) -> None:
+    """Refuse to replace existing predictions of ``cases`` in ``output`` unless ``overwrite``."""
+    existing = [output / f"{c['id']}.nii.gz" for c in cases
+                if (output / f"{c['id']}.nii.gz").exists()]
+    if existing and not overwrite:
+        raise InferenceError(f"output folder {output} already holds {len(existing)} of the "
+                             f"predictions to write (e.g. {existing[0].name}); pass --overwrite "
+                             "to replace them, or choose another --output")
+
+
 def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str | Path,
-                  settings: InferenceConfig, progress: bool = True) -> list[Path]:
+                  settings: InferenceConfig, progress: bool = True,
+                  overwrite: bool = False) -> list[Path]:
     """Predict every case, writing ``output/<id>.nii.gz`` (and with ``save_probabilities``
-    ``output/probabilities/<id>.nii.gz``, channels last). Returns the label-map paths."""
+    ``output/probabilities/<id>.nii.gz``, channels last). Returns the label-map paths.
+
+    Existing predictions are replaced only with ``overwrite``. A case that fails (bad input,
+    model error) does not stop the others: the failures are raised together at the end."""
     from tqdm.auto import tqdm
 
     from kanseg.data.transforms import build_transforms, prediction_inverter
@@ -314,9 +346,15 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
     # one case: show the windows' progress (BraTS-sized volumes take minutes on a CPU)
     predictor = Predictor(model, spec, settings, progress=progress and len(cases) == 1)
     output = Path(output)
-    written = []
+    check_output(output, cases, overwrite)
+    written, failures = [], []
     for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
-        probs, affine = predict_case(case, transform, inverter, predictor)
+        try:
+            check_inputs(case, cfg.data)
+            probs, affine = predict_case(case, transform, inverter, predictor)
+        except InferenceError as err:
+            failures.append(str(err))
+            continue
         reference = _first_file(case["image"])
         labels = probabilities_to_labels(probs, spec, settings.threshold)
         written.append(write_like(labels, reference, output / f"{case['id']}.nii.gz", affine))
@@ -324,4 +362,7 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
             channels_last = np.moveaxis(probs.numpy().astype(np.float32), 0, -1)
             write_like(channels_last, reference,
                        output / "probabilities" / f"{case['id']}.nii.gz", affine)
+    if failures:
+        raise InferenceError(f"{len(failures)} of {len(cases)} case(s) failed ({len(written)} "
+                             f"prediction(s) written to {output}):\n  " + "\n  ".join(failures))
     return written

@@ -17,7 +17,8 @@ from kanseg.schema import from_dict
 
 
 def brats_cfg(root, **extra) -> DataConfig:
-    return from_dict(DataConfig, {"root": str(root), "layout": "brats2021", **extra}, "data")
+    return from_dict(DataConfig, {"root": str(root), "layout": "brats2021",
+                                  "patch_size": [32, 32, 32], **extra}, "data")
 
 
 def case_file(root, index, modality):
@@ -107,6 +108,22 @@ def test_unusual_spacing_is_a_warning_and_empty_label_too(brats):
     messages = {w.where: w.message for w in report.warnings}
     assert "unusual voxel spacing [0.9, 0.9, 9.0]" in messages[str(case_file(brats, 0, "t1"))]
     assert "empty" in messages[str(case_file(brats, 1, "seg"))]
+
+
+def test_4d_file_where_3d_is_expected_and_patch_larger_than_image(brats):
+    t1 = case_file(brats, 0, "t1")
+    volume = nib.load(t1).get_fdata()
+    replace_volume(t1, data=np.stack([volume, volume], axis=-1))
+    seg = case_file(brats, 1, "seg")
+    replace_volume(seg, data=np.zeros((32, 32, 32, 2)), dtype=np.uint8)
+    report = check_dataset(brats_cfg(brats, patch_size=[40, 32, 32]))
+    errors = {e.where: e.message for e in report.errors}
+    assert "(32, 32, 32, 2)" in errors[str(t1)] and "5 channel(s), expected 4" in errors[str(t1)]
+    assert errors[str(seg)] == "label shape (32, 32, 32, 2) is not a 3D label map"
+    assert len(errors) == 2
+    small = [w.message for w in report.warnings if "patch_size" in w.message]
+    assert len(small) == 6 and "case BraTS2021_00002: image shape [32, 32, 32]" in small[2]
+    assert "[40, 32, 32]" in small[2]
 
 
 def test_datalist_duplicates_unknown_split_ids_and_2d_masks(tmp_path):

@@ -18,7 +18,9 @@ image file, one BraTS case folder, a folder of image files, or a dataset root wi
 Writes OUTPUT/<case id>.nii.gz: an integer label map (raw dataset labels, e.g. BraTS
 {0,1,2,4}) with the input's shape, affine and header, so it overlays the input in 3D Slicer
 or ITK-SNAP. --save-probabilities adds OUTPUT/probabilities/<case id>.nii.gz (channels last).
-Sliding-window settings default to the run config's `inference` section.
+Sliding-window settings default to the run config's `inference` section. Inputs are checked
+as `kanseg data check` does (unreadable files, NaN/Inf voxels...); a bad case is reported and
+the others are still predicted (exit code 1 when any case failed).
 """
 
 LAYOUTS = ("brats2021", "brats2023", "msd", "datalist", "folder2d")
@@ -50,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-probabilities", action="store_true", default=None,
                    help="also write class/region probability maps")
     p.add_argument("--threshold", type=float, help="sigmoid threshold for regions (0.5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace predictions that OUTPUT already holds (refused without it)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... or auto (default from config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the run config (repeatable)")
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities, threshold=args.threshold,
         device=args.device)
     cases = list_input_cases(args.input, cfg.data, args.layout)
-    written = run_inference(cfg, model, cases, args.output, settings)
+    written = run_inference(cfg, model, cases, args.output, settings, overwrite=args.overwrite)
     print(f"wrote {len(written)} prediction(s) to {args.output}"
           + (f" (probabilities in {args.output / 'probabilities'})"
              if settings.save_probabilities else ""))

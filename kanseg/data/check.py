@@ -2,8 +2,9 @@
 
 Errors (training refuses to start): empty dataset, missing modality or label, unreadable or
 corrupt file, image/label shape or affine mismatch, label values outside the declared set,
-NaN/Inf voxels, duplicate case ids. Warnings: unusual voxel spacing, empty label maps,
-an empty validation split.
+NaN/Inf voxels, duplicate case ids, more dimensions or channels than the network takes (a 4D
+file where one 3D volume is expected). Warnings: unusual voxel spacing, empty label maps,
+images smaller than the patch size, an empty validation split.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DataConfig
-from .layouts import NIFTI_SUFFIXES, DataError, label_spec, load_cases, split_cases
+from .layouts import (
+    NIFTI_SUFFIXES, DataError, input_channels, label_spec, load_cases, split_cases,
+)
 
 Severity = Literal["error", "warning"]
 SPACING_RANGE_MM = (0.2, 8.0)
@@ -145,11 +148,32 @@ def _check_label(report: CheckReport, path: Path, vol: _Volume, allowed: set[int
         report.add("warning", path, "label map is empty (background only)")
 
 
-def _check_case(report: CheckReport, case: dict, cfg: DataConfig,
-                allowed: set[int] | None) -> None:
+def _channels(shape: tuple[int, ...], spatial_dims: int) -> int:
+    """Values per voxel: the product of the non-spatial dimensions (1 for a plain volume)."""
+    return int(np.prod(shape[spatial_dims:], dtype=np.int64))
+
+
+def _check_size(report: CheckReport, path: Path, case_id: str, vol: _Volume,
+                cfg: DataConfig) -> None:
+    """Warn when the (resampled) image is smaller than the patch size along some axis."""
+    shape = np.array(vol.spatial_shape, dtype=float)
+    if cfg.spacing is not None and vol.affine is not None:
+        shape = shape * _spacing(vol.affine)[:cfg.spatial_dims] / np.array(cfg.spacing)
+    if (shape < np.array(cfg.patch_size)).any():
+        report.add("warning", path, f"case {case_id}: image shape {list(vol.spatial_shape)} "
+                                    f"(~{np.round(shape).astype(int).tolist()} at data.spacing) "
+                                    f"is smaller than data.patch_size {cfg.patch_size}; "
+                                    "patches are padded")
+
+
+def check_case(report: CheckReport, case: dict, cfg: DataConfig, allowed: set[int] | None,
+               channels: int | None = None) -> None:
+    """Add the problems of one case's files to ``report``; ``channels``: the number of image
+    channels the network takes (None: not checked)."""
     images = case["image"] if isinstance(case["image"], list) else [case["image"]]
     ref: _Volume | None = None
     ref_path: Path | None = None
+    shapes: list[tuple[int, ...]] = []
     for image in images + ([case["label"]] if "label" in case else []):
         path = Path(image)
         is_label = image == case.get("label")
@@ -167,13 +191,25 @@ def _check_case(report: CheckReport, case: dict, cfg: DataConfig,
             report.add("error", path, f"has {vol.data.ndim} dimensions, expected at least "
                                       f"{cfg.spatial_dims} spatial dimensions")
             continue
+        if vol.affine is not None and _channels(vol.data.shape, cfg.spatial_dims) > 1 and is_label:
+            report.add("error", path, f"label shape {vol.data.shape} is not a "
+                                      f"{cfg.spatial_dims}D label map")
+            continue
+        if vol.affine is not None and not is_label:
+            shapes.append(vol.data.shape)
         if not _check_values(report, path, vol):
             continue
         _check_geometry(report, path, vol, ref, ref_path)
         if ref is None:
             ref, ref_path = vol, path
+            _check_size(report, path, case["id"], vol, cfg)
         if is_label:
             _check_label(report, path, vol, allowed)
+    given = sum(_channels(s, cfg.spatial_dims) for s in shapes)
+    if channels is not None and len(shapes) == len(images) and given != channels:
+        report.add("error", images[0], f"case {case['id']}: image shape(s) {shapes} give "
+                                       f"{given} channel(s), expected {channels} (one "
+                                       f"{cfg.spatial_dims}D volume per modality)")
 
 
 def check_dataset(cfg: DataConfig, progress: bool = False) -> CheckReport:
@@ -191,6 +227,7 @@ def check_dataset(cfg: DataConfig, progress: bool = False) -> CheckReport:
         report.add("error", where, f"empty dataset: no cases found for layout {cfg.layout}")
         return report
     allowed = None if cfg.mask_threshold is not None else spec.allowed_values
+    channels = input_channels(cfg)
     seen: set[str] = set()
     for case in tqdm(cases, desc="checking cases", disable=not progress):
         if case["id"] in seen:
@@ -200,7 +237,7 @@ def check_dataset(cfg: DataConfig, progress: bool = False) -> CheckReport:
         if "label" not in case:
             report.add("warning", case["image"] if isinstance(case["image"], str)
                        else case["image"][0], f"case {case['id']} has no label (inference only)")
-        _check_case(report, case, cfg, allowed)
+        check_case(report, case, cfg, allowed, channels)
     try:
         _, val = split_cases(cases, cfg)
         if not val:
