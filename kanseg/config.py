@@ -119,6 +119,8 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"inference.roi_size: expected {dims} positive sizes or null, got {roi}")
     from .engine.losses import resolve_activation
 
+    if cfg.data.resolved_label_mode is None:  # nnunet: dataset.json decides, checked at train
+        return
     try:
         resolve_activation(cfg.loss, cfg.data.resolved_label_mode == "regions")
     except ValueError as err:

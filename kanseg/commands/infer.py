@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data.config import LAYOUTS
+
 EXAMPLES = """\
 examples:
   kanseg infer --checkpoint runs/demo --input scan.nii.gz --output pred/
@@ -22,8 +24,6 @@ Sliding-window settings default to the run config's `inference` section. Inputs 
 as `kanseg data check` does (unreadable files, NaN/Inf voxels...); a bad case is reported and
 the others are still predicted (exit code 1 when any case failed).
 """
-
-LAYOUTS = ("brats2021", "brats2023", "msd", "datalist", "folder2d")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

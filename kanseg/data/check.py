@@ -19,6 +19,7 @@ from .config import DataConfig
 from .layouts import (
     NIFTI_SUFFIXES, DataError, input_channels, label_spec, load_cases, split_cases,
 )
+from .readers import sitk_affine
 
 Severity = Literal["error", "warning"]
 SPACING_RANGE_MM = (0.2, 8.0)
@@ -97,12 +98,7 @@ def _read(path: Path, spatial_dims: int, is_label: bool) -> _Volume:
 
     image = sitk.ReadImage(str(path))
     data = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
-    spacing = np.array(image.GetSpacing())
-    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)
-    lps_to_ras = np.diag([-1.0, -1.0] + [1.0] * (image.GetDimension() - 1))
-    affine = lps_to_ras @ np.block([[direction * spacing, np.array(image.GetOrigin())[:, None]],
-                                    [np.zeros((1, image.GetDimension())), np.ones((1, 1))]])
-    return _Volume(data, affine, tuple(image.GetSize()[:spatial_dims]))
+    return _Volume(data, sitk_affine(image), tuple(image.GetSize()[:spatial_dims]))
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:

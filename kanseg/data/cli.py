@@ -15,12 +15,10 @@ from tqdm import tqdm
 
 from ..schema import ConfigError, from_dict
 from .check import check_dataset
-from .config import DataConfig
-from .convert import convert_to_nifti
+from .config import LAYOUTS, DataConfig
+from .convert import NNUNET_ENDINGS, convert_to_nifti, convert_to_nnunet
 from .layouts import DataError
 from .synth import write_dataset
-
-LAYOUTS = ("brats2021", "brats2023", "msd", "datalist", "folder2d")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -68,8 +66,14 @@ def _check(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     try:
-        out = convert_to_nifti(args.src, args.dst, series_id=args.series)
-    except DataError as err:
+        if args.to == "nnunet":
+            cfg = load_data_config(args.config) if args.config else from_dict(
+                DataConfig, {"root": args.src, "layout": args.layout}, "data")
+            cfg.root = args.src
+            out = convert_to_nnunet(cfg, args.dst, args.file_ending, progress=True)
+        else:
+            out = convert_to_nifti(args.src, args.dst, series_id=args.series)
+    except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
@@ -118,11 +122,28 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     convert = commands.add_parser(
-        "convert", formatter_class=fmt, help="DICOM series / NRRD / MHA -> NIfTI",
+        "convert", help="DICOM series / NRRD / MHA -> NIfTI; dataset -> nnU-Net",
         description="Convert a DICOM series folder or an NRRD/MHA/NIfTI file to NIfTI with "
-                    "SimpleITK, keeping spacing, origin and direction.")
-    convert.add_argument("src", help="DICOM series folder, or an image file")
-    convert.add_argument("dst", help="output .nii.gz file, or a folder to write <name>.nii.gz")
+                    "SimpleITK, keeping spacing, origin and direction. With --to nnunet, "
+                    "write the dataset at SRC (--layout or --config) as an nnU-Net v2 raw "
+                    "folder DST named Dataset<XXX>_<Name> (labels renumbered to 0..n-1, "
+                    "regions as nnU-Net regions).",
+        epilog="examples:\n  kanseg data convert scan_dicom/ ct.nii.gz\n"
+               "  kanseg data convert demo_data/synth nnUNet_raw/Dataset501_Synth "
+               "--to nnunet --layout brats2021",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_argument("src", help="DICOM series folder, or an image file; a dataset root "
+                                     "with --to nnunet")
+    convert.add_argument("dst", help="output .nii.gz file, or a folder to write <name>.nii.gz; "
+                                     "the Dataset<XXX>_<Name> folder with --to nnunet")
+    convert.add_argument("--to", choices=("nifti", "nnunet"), default="nifti",
+                         help="output format (default nifti)")
+    convert.add_argument("--layout", choices=LAYOUTS, default="brats2021",
+                         help="layout of the dataset at SRC (--to nnunet; default brats2021)")
+    convert.add_argument("--config", help="YAML config whose 'data' section describes SRC "
+                                          "(labels, regions, modalities; --to nnunet)")
+    convert.add_argument("--file-ending", choices=NNUNET_ENDINGS, default=".nii.gz",
+                         help="image format of the nnU-Net folder (--to nnunet; default .nii.gz)")
     convert.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several")
     convert.set_defaults(func=_convert)
     return data

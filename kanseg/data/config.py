@@ -6,9 +6,10 @@ cross-field rules live in ``__post_init__`` so bad combinations fail with the ke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
-Layout = Literal["brats2021", "brats2023", "msd", "datalist", "folder2d"]
+Layout = Literal["brats2021", "brats2023", "msd", "datalist", "folder2d", "nnunet"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 BRATS_LAYOUTS = ("brats2021", "brats2023")
 
 
@@ -55,7 +56,9 @@ class DataConfig:
       * ``label_mode="classes"``: softmax over ``labels`` (class names, background first);
         ``label_values`` are the raw values in the files (default 0..n-1), mapped to 0..n-1.
         ``mask_threshold`` binarises anti-aliased masks (value >= threshold -> 1) first.
-      * ``label_mode=null``: regions for BraTS layouts, classes otherwise.
+      * ``label_mode=null``: regions for BraTS layouts; for ``nnunet`` what its
+        ``dataset.json`` declares (regions when a label is a list of values); else classes.
+      * ``nnunet``: ``labels``/``regions`` left null come from ``dataset.json``.
     """
 
     root: str = ""
@@ -123,7 +126,7 @@ class DataConfig:
         if self.mask_threshold is not None and self.resolved_label_mode == "regions":
             raise ValueError("mask_threshold is only for label_mode 'classes'")
         if self.resolved_label_mode == "regions" and self.regions is None \
-                and self.layout not in BRATS_LAYOUTS:
+                and self.layout not in (*BRATS_LAYOUTS, "nnunet"):
             raise ValueError(f"label_mode 'regions' with layout {self.layout!r} needs "
                              "'regions' (name -> list of label values)")
         lo, hi = self.ct_window
@@ -141,8 +144,11 @@ class DataConfig:
             raise ValueError("cache 'disk' needs 'cache_dir' (a folder for the cached volumes)")
 
     @property
-    def resolved_label_mode(self) -> str:
-        """``label_mode`` with ``null`` resolved (regions for BraTS, classes otherwise)."""
+    def resolved_label_mode(self) -> Optional[str]:
+        """``label_mode`` with ``null`` resolved (regions for BraTS, classes otherwise);
+        ``None`` for ``nnunet``, whose ``dataset.json`` decides (see ``label_spec``)."""
         if self.label_mode is not None:
             return self.label_mode
+        if self.layout == "nnunet":
+            return None
         return "regions" if self.layout in BRATS_LAYOUTS else "classes"

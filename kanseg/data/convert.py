@@ -1,15 +1,24 @@
-"""DICOM series / NRRD / MHA / NIfTI -> NIfTI with SimpleITK, keeping the geometry.
+"""Conversions with SimpleITK, keeping the geometry: DICOM series / NRRD / MHA / NIfTI ->
+NIfTI, and any 3D dataset layout -> an nnU-Net v2 raw dataset folder.
 
 SimpleITK keeps spacing, origin and direction cosines (LPS) and its NIfTI writer stores
 them as the RAS qform/sform, so world coordinates of every voxel are preserved.
 """
 from __future__ import annotations
 
-import os
+import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .layouts import NIFTI_SUFFIXES, DataError
+import numpy as np
+
+from ..models.io import atomic_write
+from .config import BRATS_LAYOUTS, DataConfig
+from .layouts import (
+    BRATS_MODALITIES, NIFTI_SUFFIXES, DataError, LabelSpec, label_spec, load_cases,
+    msd_dataset_json, nnunet_dataset_json, test_cases,
+)
 
 if TYPE_CHECKING:  # SimpleITK is imported when a conversion runs, not with kanseg.data
     import SimpleITK as sitk
@@ -72,12 +81,129 @@ def convert_to_nifti(src: str | Path, dst: str | Path, series_id: str | None = N
     image = read_image(src, series_id)
     import SimpleITK as sitk
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if out.name.endswith(".nii.gz") else ".nii"
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{suffix}")
-    try:
-        sitk.WriteImage(image, str(tmp), useCompression=suffix == ".nii.gz")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_image(image, out)
+    return out
+
+
+def _write_image(image: sitk.Image, path: Path) -> None:
+    """Write ``image`` atomically in the format of ``path``'s extension (compressed)."""
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True), suffix)
+
+
+# ----------------------------------------------------------------------------- nnU-Net
+NNUNET_FOLDER = re.compile(r"Dataset\d{3}_[A-Za-z0-9_.-]+")
+NNUNET_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def _channel_names(cfg: DataConfig, n_channels: int) -> list[str]:
+    if cfg.layout in BRATS_LAYOUTS:
+        return list(cfg.modalities or BRATS_MODALITIES[cfg.layout])
+    if cfg.layout in ("msd", "nnunet"):
+        table = msd_dataset_json(cfg.root)["modality"] if cfg.layout == "msd" \
+            else nnunet_dataset_json(cfg.root)["channel_names"]
+        return [str(table[k]) for k in sorted(table, key=int)]
+    return list(cfg.modalities or [f"channel{i}" for i in range(n_channels)])
+
+
+def _channels(files: str | list[str]) -> list[sitk.Image]:
+    """One 3D image per channel: a list of files, or a 4D / vector-valued file split up."""
+    import SimpleITK as sitk
+
+    if isinstance(files, list):
+        return [read_image(f) for f in files]
+    image = read_image(files)
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        return [sitk.VectorIndexSelectionCast(image, c)
+                for c in range(image.GetNumberOfComponentsPerPixel())]
+    if image.GetDimension() == 4:
+        return [image[:, :, :, c] for c in range(image.GetSize()[3])]
+    return [image]
+
+
+def nnunet_labels_json(spec: LabelSpec) -> tuple[dict, dict[int, int], list[int] | None]:
+    """``(dataset.json labels, raw value -> nnU-Net value, regions_class_order)``.
+
+    nnU-Net wants consecutive values 0..n-1, so raw values are renumbered in order (BraTS 2021
+    0, 1, 2, 4 -> 0, 1, 2, 3). Regions are listed from largest to smallest, as nnU-Net paints
+    them; each paints the value it holds that no smaller region holds.
+    """
+    raw = sorted(spec.allowed_values)
+    mapping = {v: i for i, v in enumerate(raw)}
+    if spec.mode == "classes":
+        labels = {name: mapping[v[0]] for name, v in zip(spec.names, spec.values)}
+        labels.setdefault("background", 0)
+        return labels, mapping, None
+    regions = sorted(zip(spec.names, spec.values), key=lambda r: -len(r[1]))
+    labels: dict = {"background": 0}
+    order = []
+    for rank, (name, values) in enumerate(regions):
+        new = sorted(mapping[v] for v in values)
+        labels[name] = new if len(new) > 1 else new[0]
+        smaller = {mapping[v] for _, vals in regions[rank + 1:] for v in vals}
+        order.append(min(set(new) - smaller or set(new)))
+    return labels, mapping, order
+
+
+def _write_label(src: str, path: Path, mapping: dict[int, int]) -> None:
+    import SimpleITK as sitk
+
+    image = read_image(src)
+    raw = sitk.GetArrayFromImage(image)
+    unknown = sorted(set(np.unique(raw).tolist()) - set(mapping))
+    if unknown:
+        raise DataError(f"{src}: label values {unknown[:10]} are not among the declared "
+                        f"{sorted(mapping)} (run `kanseg data check`)")
+    lut = np.zeros(max(mapping) + 1, dtype=np.uint8 if len(mapping) <= 256 else np.uint16)
+    lut[list(mapping)] = list(mapping.values())
+    out = sitk.GetImageFromArray(lut[raw.astype(np.int64)])
+    out.CopyInformation(image)
+    _write_image(out, path)
+
+
+def convert_to_nnunet(cfg: DataConfig, out: str | Path, file_ending: str = ".nii.gz",
+                      progress: bool = False) -> Path:
+    """Write the dataset of ``cfg`` as an nnU-Net v2 raw folder ``out``
+    (``Dataset<XXX>_<Name>``): ``imagesTr/<id>_<XXXX><ending>`` per channel,
+    ``labelsTr/<id><ending>`` renumbered to 0..n-1, unlabelled cases in ``imagesTs/``, and a
+    v2 ``dataset.json`` (regions with ``regions_class_order`` for region configs)."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    if not NNUNET_FOLDER.fullmatch(out.name):
+        raise DataError(f"nnU-Net dataset folder {out.name!r} must be named "
+                        "Dataset<three digits>_<Name>, e.g. Dataset501_BraTS")
+    if file_ending not in NNUNET_ENDINGS:
+        raise DataError(f"file ending {file_ending!r}: expected one of {NNUNET_ENDINGS}")
+    if cfg.spatial_dims != 3:
+        raise DataError(f"convert --to nnunet takes 3D datasets; layout {cfg.layout!r} has "
+                        f"spatial_dims={cfg.spatial_dims}")
+    labelled = [c for c in load_cases(cfg) if "label" in c]
+    if not labelled:
+        raise DataError(f"no labelled cases under {cfg.root!r} (layout {cfg.layout})")
+    labels, mapping, order = nnunet_labels_json(label_spec(cfg))
+    n_channels = 0
+    cases = labelled + test_cases(cfg)
+    for case in tqdm(cases, desc="converting cases", unit="case", disable=not progress):
+        folder = "imagesTr" if "label" in case else "imagesTs"
+        channels = _channels(case["image"])
+        n_channels = n_channels or len(channels)
+        if len(channels) != n_channels:
+            raise DataError(f"case {case['id']}: {len(channels)} channels, the first case has "
+                            f"{n_channels}")
+        for c, image in enumerate(channels):
+            _write_image(image, out / folder / f"{case['id']}_{c:04d}{file_ending}")
+        if "label" in case:
+            _write_label(case["label"], out / "labelsTr" / f"{case['id']}{file_ending}", mapping)
+    meta = {"name": out.name.split("_", 1)[1],
+            "description": f"converted by kanseg from layout {cfg.layout} at {cfg.root}",
+            "channel_names": {str(i): n for i, n in enumerate(_channel_names(cfg, n_channels))},
+            "labels": labels, "numTraining": len(labelled), "file_ending": file_ending}
+    if order is not None:
+        meta["regions_class_order"] = order
+    atomic_write(out / "dataset.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return out

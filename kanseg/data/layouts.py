@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -109,16 +110,97 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"cannot read JSON file {path}: {err}") from None
 
 
+def _dataset_json(root: str | Path, layout: str, keys: tuple[str, ...]) -> tuple[Path, dict]:
+    """``(path, parsed dataset.json)`` of a task folder, with ``keys`` present."""
+    path = _require_dir(root, f"{layout} root") / "dataset.json"
+    if not path.is_file():
+        raise DataError(f"{layout} layout: {path} is missing (every {layout} dataset folder "
+                        "has one)")
+    meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key in keys:
+        if key not in meta:
+            raise DataError(f"{path}: key {key!r} is missing (expected keys: {', '.join(keys)})")
+    return path, meta
+
+
 def msd_dataset_json(root: str | Path) -> dict:
     """The parsed ``dataset.json`` of a Medical Segmentation Decathlon task folder."""
-    path = _require_dir(root, "msd root") / "dataset.json"
-    if not path.is_file():
-        raise DataError(f"msd layout: {path} is missing (every MSD task folder has one)")
-    meta = _read_json(path)
-    for key in ("training", "labels", "modality"):
-        if key not in meta:
-            raise DataError(f"{path}: key {key!r} is missing")
+    return _dataset_json(root, "msd", ("training", "labels", "modality"))[1]
+
+
+NNUNET_KEYS = ("channel_names", "labels", "file_ending")
+
+
+def nnunet_dataset_json(root: str | Path) -> dict:
+    """The checked ``dataset.json`` (v2) of an nnU-Net raw dataset folder.
+
+    ``channel_names`` maps ``"0".."n-1"`` to names; ``labels`` maps names to a raw value or,
+    for regions, a list of raw values (background 0); ``file_ending`` is e.g. ``.nii.gz``.
+    """
+    path, meta = _dataset_json(root, "nnunet", NNUNET_KEYS)
+    channels = meta["channel_names"]
+    if not isinstance(channels, dict) or \
+            sorted(channels) != [str(i) for i in range(len(channels))] or not channels:
+        raise DataError(f"{path}: 'channel_names' must map \"0\", \"1\", ... to channel names, "
+                        f"got {channels!r}")
+    labels = meta["labels"]
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(f"{path}: 'labels' must map names to label values, got {labels!r}")
+    for name, value in labels.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(type(v) is int and v >= 0 for v in values):
+            raise DataError(f"{path}: labels[{name!r}] is {value!r}, expected a label value "
+                            "(int >= 0) or a non-empty list of them (a region)")
+    if 0 not in labels.values():
+        raise DataError(f"{path}: 'labels' has no background entry with value 0")
+    ending = meta["file_ending"]
+    if not isinstance(ending, str) or not ending.startswith("."):
+        raise DataError(f"{path}: 'file_ending' must be an extension like \".nii.gz\", "
+                        f"got {ending!r}")
     return meta
+
+
+def nnunet_labels(root: str | Path) -> dict[str, tuple[int, ...]]:
+    """Non-background ``labels`` of an nnU-Net ``dataset.json``: name -> raw values."""
+    return {name: tuple(value if isinstance(value, list) else [value])
+            for name, value in nnunet_dataset_json(root)["labels"].items() if value != 0}
+
+
+def nnunet_has_regions(root: str | Path) -> bool:
+    """nnU-Net's rule: the dataset is region-based when a label lists several values."""
+    return any(len(values) > 1 for values in nnunet_labels(root).values())
+
+
+def nnunet_cases(root: str | Path, split: Literal["training", "test"] = "training") -> list[dict]:
+    """Cases of an nnU-Net raw folder: ``imagesTr/<id>_<XXXX><ending>`` (one file per channel
+    of ``channel_names``) with ``labelsTr/<id><ending>``, or unlabelled ``imagesTs/`` cases.
+
+    A case is listed when any of its files exists; missing ones are reported by the check.
+    """
+    base = _require_dir(root, "nnunet root")
+    meta = nnunet_dataset_json(base)
+    ending = meta["file_ending"]
+    images = base / ("imagesTr" if split == "training" else "imagesTs")
+    labels = base / "labelsTr"
+    if split == "test" and not images.is_dir():
+        return []
+    _require_dir(images, f"nnunet {images.name}")
+    stems = [f.name[: -len(ending)] for f in images.iterdir() if f.name.endswith(ending)]
+    ids = {m.group(1) for m in map(re.compile(r"(.+)_\d{4}").fullmatch, stems) if m}
+    if split == "training":
+        _require_dir(labels, "nnunet labelsTr")
+        ids |= {f.name[: -len(ending)] for f in labels.iterdir()
+                if f.name.endswith(ending) and not f.name.startswith(".")}
+    channels = range(len(meta["channel_names"]))
+    cases = []
+    for cid in sorted(i for i in ids if i and not i.startswith(".")):
+        case = {"id": cid, "image": [str(images / f"{cid}_{c:04d}{ending}") for c in channels]}
+        if split == "training":
+            case["label"] = str(labels / f"{cid}{ending}")
+        cases.append(case)
+    return cases
 
 
 def msd_cases(root: str | Path, split: Literal["training", "test"] = "training") -> list[dict]:
@@ -222,13 +304,18 @@ def load_cases(cfg: DataConfig) -> list[dict]:
         return msd_cases(cfg.root, "training")
     if cfg.layout == "datalist":
         return datalist_cases(cfg.datalist or "", cfg.root, cfg.modalities)
+    if cfg.layout == "nnunet":
+        return nnunet_cases(cfg.root, "training")
     return folder2d_cases(cfg.root)
 
 
 def test_cases(cfg: DataConfig) -> list[dict]:
-    """Unlabelled cases for inference: MSD ``test`` list, or datalist entries without label."""
+    """Unlabelled cases for inference: MSD ``test`` list, nnU-Net ``imagesTs/``, or datalist
+    entries without label."""
     if cfg.layout == "msd":
         return msd_cases(cfg.root, "test")
+    if cfg.layout == "nnunet":
+        return nnunet_cases(cfg.root, "test")
     if cfg.layout == "datalist":
         return [c for c in datalist_cases(cfg.datalist or "", cfg.root, cfg.modalities)
                 if "label" not in c]
@@ -275,8 +362,10 @@ def split_cases(cases: list[dict], cfg: DataConfig) -> tuple[list[dict], list[di
 
 def label_spec(cfg: DataConfig) -> LabelSpec:
     """Output channels of the network for this data config (names, activation, raw values)."""
-    if cfg.resolved_label_mode == "regions":
-        regions = cfg.regions or BRATS_REGIONS[cfg.layout]
+    mode = cfg.resolved_label_mode or ("regions" if nnunet_has_regions(cfg.root) else "classes")
+    if mode == "regions":
+        regions = cfg.regions or (nnunet_labels(cfg.root) if cfg.layout == "nnunet"
+                                  else BRATS_REGIONS[cfg.layout])
         return LabelSpec("regions", tuple(regions), tuple(tuple(v) for v in regions.values()),
                          "sigmoid")
     names, values = _class_names_values(cfg)
@@ -295,6 +384,12 @@ def _class_names_values(cfg: DataConfig) -> tuple[list[str], list[int]]:
         pairs = sorted((int(k), str(v)) for k, v in table.items())
         names = [n for _, n in pairs]
         values = values or [k for k, _ in pairs]
+    elif names is None and cfg.layout == "nnunet":  # every raw value; regions lend no name
+        table = nnunet_labels(cfg.root)
+        named = {vals[0]: name for name, vals in table.items() if len(vals) == 1}
+        raw = sorted({v for vals in table.values() for v in vals})
+        names = ["background"] + [named.get(v, f"label{v}") for v in raw]
+        values = values or [0, *raw]
     elif names is None:
         names = ["background", "foreground"] if values is None else \
             ["background"] + [f"class{v}" for v in values[1:]]
@@ -307,6 +402,8 @@ def input_channels(cfg: DataConfig) -> int:
         return len(cfg.modalities or BRATS_MODALITIES[cfg.layout])
     if cfg.layout == "msd":
         return len(msd_dataset_json(cfg.root)["modality"])
+    if cfg.layout == "nnunet":
+        return len(nnunet_dataset_json(cfg.root)["channel_names"])
     if cfg.layout == "folder2d":
         return len(cfg.modalities) if cfg.modalities else 1
     if cfg.modalities:

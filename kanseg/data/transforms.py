@@ -47,6 +47,7 @@ from PIL import Image
 
 from .config import DataConfig
 from .layouts import input_channels, label_spec
+from .readers import SimpleITKReader
 
 Mode = Literal["train", "val", "infer"]
 
@@ -95,7 +96,9 @@ def _mask_mode(image: Image.Image) -> Image.Image:
 
 def _loaders(cfg: DataConfig, keys: list[str]) -> list:
     if cfg.spatial_dims == 3:
-        return [LoadImaged(keys, image_only=True, ensure_channel_first=True, dtype=np.float32)]
+        loader = LoadImaged(keys, image_only=True, ensure_channel_first=True, dtype=np.float32)
+        loader.register(SimpleITKReader())  # .mha / .nrrd without the itk package
+        return [loader]
     image_reader = PILReader(converter=_grayscale if input_channels(cfg) == 1 else _rgb)
     loaders = [LoadImaged("image", reader=image_reader, image_only=True,
                           ensure_channel_first=True, dtype=np.float32)]

@@ -18,9 +18,11 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
-def atomic_write(target: Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``target``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+def atomic_write(target: Path, write: Callable[[str], Any], suffix: str = "") -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``target``, then rename it into place.
+
+    ``suffix`` ends the temp name, for writers that pick the format by extension."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
