@@ -186,3 +186,15 @@ def test_few_steps_reduce_loss(name, kwargs):
         loss.backward()
         optimizer.step()
     assert loss_fn().item() < 0.7 * first
+
+
+def test_every_layer_option_reaches_kan_networks():
+    """The registry takes the layer core's own option list (conv_strategy included)."""
+    from kanseg.layers import LAYER_OPTIONS, KANConv
+    from kanseg.models.registry import accepted_arguments
+
+    assert set(LAYER_OPTIONS) <= accepted_arguments("ukanet")
+    model = create_model("ukanet", spatial_dims=2, in_channels=1, out_channels=2, width=8,
+                         depth=2, conv_strategy="dense")
+    strategies = {m.conv_strategy for m in model.modules() if isinstance(m, KANConv)}
+    assert strategies == {"dense"}

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from kanseg.layers import KANBottleneckConv, KANConv
-from kanseg.layers.conv import _CONV_FN
+from kanseg.layers import conv_function
 
 KAN_LAYER_TYPES = (KANConv, KANBottleneckConv)
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -110,7 +110,7 @@ def kan_preactivation(layer: KANConv, x: Tensor, base_weight: Tensor | None,
     module's parameters (``torch.func.functional_call``)."""
 
     def conv(inp: Tensor, weight: Tensor) -> Tensor:
-        return _CONV_FN[layer.spatial_dims](inp, weight, None, layer.stride, layer.padding,
+        return conv_function(layer.spatial_dims)(inp, weight, None, layer.stride, layer.padding,
                                             layer.dilation, layer.groups)
 
     def branches(inp: Tensor) -> Tensor:
@@ -147,7 +147,7 @@ def kan_forward(layer: nn.Module, x: Tensor, *, base_weight: Tensor | None = Non
         proj = layer.out_proj
         y = proj._conv_forward(inner, proj.weight if out_proj_weight is None else out_proj_weight,
                                None)
-        y = y + _CONV_FN[layer.spatial_dims](layer.base_activation(x),
+        y = y + conv_function(layer.spatial_dims)(layer.base_activation(x),
                      layer.base_weight if base_weight is None else base_weight,
                      None, layer.stride, layer.padding, layer.dilation, layer.groups)
     else:

@@ -9,9 +9,10 @@ from torch import nn
 from .basis import BASIS_REGISTRY, Basis, basis_class, create_basis, register_basis
 from .bottleneck import KANBottleneckConv
 from .conv import KANConv
-from .norm import create_norm
+from .factories import ACTIVATIONS, NORMS, conv_function, create_activation, create_norm
 
-_CONV_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
+#: layer options every KAN family accepts, next to its basis options
+LAYER_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
                  "conv_strategy")
 
 
@@ -43,7 +44,7 @@ def create_kan_conv(
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     conv_options = dict(basis_class(family).layer_defaults)
-    conv_options.update({k: family_options.pop(k) for k in _CONV_OPTIONS if k in family_options})
+    conv_options.update({k: family_options.pop(k) for k in LAYER_OPTIONS if k in family_options})
     ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if bottleneck:
@@ -60,6 +61,7 @@ def create_kan_conv(
 
 
 __all__ = [
-    "BASIS_REGISTRY", "Basis", "KANBottleneckConv", "KANConv", "create_basis", "create_kan_conv",
-    "create_norm", "register_basis",
+    "ACTIVATIONS", "BASIS_REGISTRY", "LAYER_OPTIONS", "NORMS", "Basis", "KANBottleneckConv", "KANConv",
+    "conv_function", "create_activation", "create_basis", "create_kan_conv", "create_norm",
+    "register_basis",
 ]

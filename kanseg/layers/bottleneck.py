@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .basis import create_basis
-from .conv import _CONV_FN, _DROPOUT, KANConv, _ntuple, create_activation
-from .norm import create_norm
+from .conv import KANConv
+from .factories import (conv_function, create_activation, create_dropout, create_norm,
+                        to_tuple)
 
 
 def bottleneck_width(in_per_group: int, out_per_group: int, dim_reduction: float,
@@ -64,7 +65,7 @@ class KANBottleneckConv(nn.Module):
         conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
         self.inner_proj = conv_cls(in_channels, self.inner_channels, 1, groups=groups, bias=False)
         self.out_proj = conv_cls(self.inner_channels, out_channels, 1, groups=groups, bias=False)
-        ks = _ntuple(kernel_size, spatial_dims, "kernel_size")
+        ks = to_tuple(kernel_size, spatial_dims, "kernel_size")
         basis = create_basis(family, inner, prod(ks), **(basis_options or {}))
         self.core = KANConv(
             basis, spatial_dims, self.inner_channels, self.inner_channels, ks, stride, padding,
@@ -74,7 +75,7 @@ class KANBottleneckConv(nn.Module):
         self.stride, self.padding, self.dilation = self.core.stride, self.core.padding, self.core.dilation
         self.base_activation = create_activation(base_activation)
         self.base_weight = nn.Parameter(torch.empty((out_channels, in_channels // groups) + ks))
-        self.dropout = _DROPOUT[spatial_dims](dropout) if dropout > 0 else None
+        self.dropout = create_dropout(spatial_dims, dropout)
         self.norm = create_norm(norm, spatial_dims, out_channels, affine=affine)
         self.act = create_activation(activation)
         for weight in (self.base_weight, self.inner_proj.weight, self.out_proj.weight):
@@ -88,7 +89,7 @@ class KANBottleneckConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        conv = _CONV_FN[self.spatial_dims]
+        conv = conv_function(self.spatial_dims)
         base = conv(self.base_activation(x), self.base_weight, None, self.stride, self.padding,
                     self.dilation, self.groups)
         y = self.out_proj(self.core(self.inner_proj(x)))

@@ -15,12 +15,12 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .factories import conv_function
 
 STRATEGIES = ("heuristic", "auto", "grouped", "dense")
 DENSE_MAX_GROUPS = 8
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DECISIONS: dict[tuple, str] = {}
 
 
@@ -48,7 +48,7 @@ def _best_times(fns: list[Callable[[], None]], repeats: int = 3) -> list[float]:
 
 def _measure(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], dtype: torch.dtype,
              device: torch.device, geometry: tuple, groups: int) -> str:
-    conv = _CONV_FN[len(input_shape) - 2]
+    conv = conv_function(len(input_shape) - 2)
     x = torch.randn(input_shape, dtype=dtype, device=device, requires_grad=True)
     weight = torch.randn(weight_shape, dtype=dtype, device=device)
 

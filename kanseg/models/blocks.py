@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import Tensor, nn
 
-from kanseg.layers import create_kan_conv, create_norm
-from kanseg.layers.conv import create_activation
+from kanseg.layers import create_activation, create_kan_conv, create_norm
 
 BLOCK_KINDS = ("basic", "bottleneck")
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}

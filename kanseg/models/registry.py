@@ -8,10 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kanseg.layers import BASIS_REGISTRY
-
-#: layer options every KAN family accepts (see ``kanseg.layers.create_kan_conv``)
-CONV_OPTIONS = ("activation", "base_activation", "dropout", "affine", "recompute")
+from kanseg.layers import BASIS_REGISTRY, LAYER_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ def family_option_names(family: str) -> set[str]:
         raise ValueError(f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
     params = inspect.signature(BASIS_REGISTRY[family].__init__).parameters
     names = {p for p in params if p not in ("self", "in_channels", "kernel_numel")}
-    return names | set(CONV_OPTIONS)
+    return names | set(LAYER_OPTIONS)
 
 
 def accepted_arguments(name: str, kwargs: dict[str, Any] | None = None) -> set[str]:
