@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {"finetune": _finetune, "merge": _merge, "methods": _methods}[args.command]
     try:
         return command(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:
         if os.environ.get("KANPEFT_DEBUG"):
             raise
         print(f"kanpeft {args.command}: error: {err}", file=sys.stderr)

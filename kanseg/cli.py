@@ -30,7 +30,7 @@ typical workflow:
   kanseg evaluate --pred runs/demo/pred --label demo_data/synth --layout brats2021 --output runs/demo/eval
 
 `kanseg <command> --help` explains each command with examples.
-Set KANSEG_DEBUG=1 to see full tracebacks instead of short error messages.
+Errors are one line; `kanseg --debug <command>` (or KANSEG_DEBUG=1) shows the traceback.
 """
 
 #: command -> (module with ``register(subparsers)``, one-line help), in --help order
@@ -53,6 +53,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     from kanseg import __version__
 
     parser.add_argument("--version", action="version", version=f"kanseg {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command][0]).register(subparsers)
@@ -79,17 +81,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if os.environ.get("KANSEG_DEBUG") or not _user_error(err):
+        if args.debug or os.environ.get("KANSEG_DEBUG") or not _user_error(err):
             raise
-        print(f"kanseg {args.command}: error: {err}", file=sys.stderr)
+        print(f"kanseg {args.command}: error: {_describe(err)}", file=sys.stderr)
         return 1
 
 
 def _user_error(err: Exception) -> bool:
-    """Errors caused by the input (bad config, data, paths) or a diverged run: no traceback."""
+    """Errors caused by the input (bad config, data, paths, refused files), the system
+    (read-only folder, full disk) or a diverged run: one line, no traceback."""
+    from pickle import UnpicklingError
+
     from kanseg.engine.trainer import TrainingDiverged
 
-    return isinstance(err, (ValueError, FileNotFoundError, TrainingDiverged))
+    return isinstance(err, (ValueError, OSError, UnpicklingError, TrainingDiverged))
+
+
+def _describe(err: Exception) -> str:
+    """The message of ``err``; for a full disk or file-size limit, what that means."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (f"{err} (the disk is full or a file-size limit was reached; files are replaced "
+                "only when completely written, so the earlier ones were kept)")
+    return str(err)
 
 
 if __name__ == "__main__":

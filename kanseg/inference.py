@@ -262,6 +262,8 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path,
     try:
         nib.save(img, tmp)
         os.replace(tmp, path)
+    except OSError as err:  # name the file: a failed write() does not
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

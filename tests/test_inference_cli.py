@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -108,3 +113,27 @@ def test_infer_checks_inputs_predicts_the_good_cases_and_never_overwrites(tmp_pa
     assert (out / f"{cases[0].name}.nii.gz").read_bytes() == before
     assert main([*infer, "--overwrite"]) == 1
     assert "2 of 3 case(s) failed" in capsys.readouterr().err
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # a full disk without tmpfs: writes past `limit` bytes fail (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_is_one_clean_line_and_leaves_no_partial_file(tmp_path, run_dir):
+    case = write_case(tmp_path / "data", 0, size=16, seed=3)
+    out = tmp_path / "pred"
+    result = subprocess.run(
+        [sys.executable, "-m", "kanseg.cli", "infer", "--checkpoint", str(run_dir), "--input",
+         str(case), "--output", str(out), "--save-probabilities"],
+        capture_output=True, text=True, preexec_fn=_file_size_limit(8000),
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    probabilities = out / "probabilities" / f"{case.name}.nii.gz"
+    assert f"cannot write {probabilities}: File too large" in lines[0]
+    assert "file-size limit" in lines[0]
+    assert [p.name for p in (out / "probabilities").iterdir()] == []

@@ -1,6 +1,7 @@
 """Run folders are never clobbered or shared: a finished run is refused without --resume,
 --overwrite moves it aside whole, train.lock keeps a second (real) process out, and a
-resume after a kill during the end-of-epoch checkpoint keeps the epoch's metrics."""
+resume after a kill during the end-of-epoch checkpoint keeps the epoch's metrics, and
+malicious pickles are refused with one line naming the file."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from kanseg.cli import main
+from kanseg.engine.checkpoint import UnsafeFileError
 from test_train import synth_root, tiny_config  # noqa: F401 (fixture)
 
 HOLDER = """
@@ -104,3 +109,38 @@ def test_resume_after_a_kill_in_each_end_of_epoch_checkpoint_phase_keeps_the_epo
         [resumed] = _rows(run)
         assert resumed["train_loss"] == row["train_loss"], run.name
         assert float(resumed["patches_per_s"]) > 0, run.name
+
+
+class Evil:
+    """Unpickling this creates the marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_malicious_pickles_are_refused_in_one_line_naming_the_file(tmp_path, synth_root, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": Evil(marker)}, evil)
+    (tmp_path / "config.json").write_text('{"input_channels": 1, "num_classes": 2}')
+    from kanpeft.cli import main as kanpeft_main
+
+    assert kanpeft_main(["methods", "--backbone", str(evil), "--num-classes", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"refused to load {evil}" in err and "Traceback" not in err
+
+    run = tmp_path / "run"
+    assert _train(tiny_config(tmp_path, synth_root, max_epochs=1), run) == 0
+    state = run / "checkpoints/last/training_state.pt"
+    torch.save({"trainer": Evil(marker)}, state)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume", "--no-check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"kanseg train: error: refused to load {state.resolve()}"), err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(UnsafeFileError):  # --debug: the traceback
+        main(["--debug", "train", "--run-dir", str(run), "--resume", "--no-check"])
+    assert not marker.exists()

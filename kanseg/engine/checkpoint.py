@@ -137,9 +137,22 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class UnsafeFileError(ValueError):
+    """A state file holds pickled objects beyond tensors and plain containers; not loaded."""
+
+
 def load_state(path: Path) -> Any:
     """Load a ``torch.save``-d state of tensors and plain containers, never unpickling objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()
+        raise UnsafeFileError(
+            f"refused to load {path}: it holds pickled Python objects beyond tensors and plain "
+            f"containers (possibly malicious; only files written by kanseg are loaded): "
+            f"{reason[-1] if reason else 'unpickling refused'}") from err
 
 
 def resolve(path: str | Path) -> Path:

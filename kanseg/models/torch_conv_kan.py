@@ -189,7 +189,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         return load_file(path)
     if path.suffix in (".pt", ".pth", ".bin"):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        from ..engine.checkpoint import load_state
+
+        loaded = load_state(path)
         if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
             raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
         return loaded
