@@ -94,8 +94,10 @@ MODES = {"train": step, "no_grad": inference}
 
 
 def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: int = 1,
-               dtype: torch.dtype = torch.float32) -> dict[str, tuple[nn.Module, torch.Tensor]]:
-    """Modules to time and the input each runs on (on the default device, in ``dtype``)."""
+               dtype: torch.dtype = torch.float32, compile_layers: bool = False
+               ) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Modules to time and the input each runs on (on the default device, in ``dtype``);
+    with ``compile_layers``, each KAN layer also runs under ``torch.compile``."""
     case = CASES[dims]
     channels = case["channels"]
     shape = (case["batch"] * batch_scale, channels) + (case["size"],) * dims
@@ -106,6 +108,8 @@ def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: in
     for family in families:
         layer = create_kan_conv(family, dims, channels, channels, 3, padding=1, groups=groups)
         runs[family] = (layer, x)
+        if compile_layers:
+            runs[f"{family} compiled"] = (torch.compile(layer), x)
         width = channels * layer.n_expanded
         if f"floor{width}" not in runs:
             floor_x = torch.randn((shape[0], width) + shape[2:], dtype=dtype, requires_grad=True)
@@ -168,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="dtype of every module and input (bf16: the whole layer in bf16)")
     parser.add_argument("--batch-scale", type=int, default=1,
                         help="multiply the batch of each case (larger work per call on a GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every KAN layer under torch.compile (inductor; the "
+                             "first calls compile, outside the timing)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
@@ -186,15 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for dims in args.dims:
         for groups in args.groups:
-            runs = candidates(dims, groups, families, tck, args.batch_scale, dtype)
+            runs = candidates(dims, groups, families, tck, args.batch_scale, dtype, args.compile)
             times = measure(runs, repeats, f"{dims}D groups={groups}")
             train, no_grad = times["train"], times["no_grad"]
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
-            for name in [*families, "kagn recompute=False", "tck", "plain"]:
+            compiled = [f"{family} compiled" for family in families]
+            for name in [*families, *compiled, "kagn recompute=False", "tck", "plain"]:
                 if name not in runs:
                     continue
                 module, x = runs[name]
-                floor = f"floor{x.shape[1] * module.n_expanded}" if isinstance(module, KANConv) else None
+                layer = getattr(module, "_orig_mod", module)  # the layer inside torch.compile
+                floor = f"floor{x.shape[1] * layer.n_expanded}" if isinstance(layer, KANConv) else None
                 saved = saved_bytes(lambda: module(x)) / input_bytes
                 rows.append(
                     f"| {name} | {dims} | {groups} | {1e3 * statistics.median(train[name]):.0f} | "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_layers", REPO / "benchmarks" / "layers.py")
 bench = importlib.util.module_from_spec(spec)
@@ -21,3 +23,11 @@ def test_layers_table(capsys, tmp_path):
     cells = [c.strip() for c in rows["kacn"].split("|")[1:-1]]
     assert float(cells[5]) > 0 and float(cells[9]) > 0  # x floor, fwd+bwd and no-grad
     assert cells[6] == "-"  # torch-conv-kan absent: column skipped
+
+
+@pytest.mark.slow
+def test_layers_table_compiled(capsys, tmp_path):
+    bench.main(["--families", "kacn", "--dims", "3", "--groups", "1", "--repeats", "1",
+                "--compile", "--tck", str(tmp_path / "absent")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| kacn")]
+    assert [row.split("|")[1].strip() for row in rows] == ["kacn", "kacn compiled"]
