@@ -36,6 +36,7 @@ examples:
   kanseg export runs/demo --output demo.onnx
   kanseg export runs/demo --output demo.pt --format torchscript --input-size 64 64 64
   kanseg export my_model/ --output model.onnx --input-size 96 96 96 --batch 2
+  kanseg export runs/demo --bundle runs/demo/bundle     # a MONAI bundle (kanseg.bundle)
 
 SOURCE is a run folder (or a model.safetensors inside one; its config.yaml is found above
 it or given with --config), or a folder written by kanseg.models.save_model (config.json +
@@ -45,6 +46,13 @@ has a dynamic batch axis (ONNX) and fixed spatial size: run it on sliding window
 size. After export the file is run on the example input and compared with eager PyTorch
 (onnxruntime, or onnx's reference evaluator when onnxruntime is absent); the command fails
 when the max abs error exceeds --atol.
+
+--bundle DIR writes a MONAI bundle of a run: configs/metadata.json, configs/inference.json
+(MONAI pre-processing, SlidingWindowInferer, post-processing to the dataset's label values)
+and models/model.ts; run it with
+  python -m monai.bundle run --config_file DIR/configs/inference.json --bundle_root DIR \
+      --dataset_dir images/ --output_dir pred/
+(MONAI's CLI needs the fire package; monai.bundle.run(...) takes the same arguments.)
 """
 
 
@@ -85,7 +93,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "file against eager PyTorch.",
         epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path, help="run folder, model.safetensors, or saved model folder")
-    p.add_argument("--output", required=True, type=Path, help="file to write (.onnx, .pt)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output", type=Path, help="file to write (.onnx, .pt)")
+    target.add_argument("--bundle", type=Path, help="folder to write a MONAI bundle to "
+                                                    "(a run folder or its weights only)")
     p.add_argument("--format", choices=("onnx", "torchscript"),
                    help="default: from the output suffix (.onnx -> onnx, else torchscript)")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N",
@@ -262,6 +273,12 @@ def _load_source(args: argparse.Namespace):
 
 def run_export(args: argparse.Namespace) -> int:
     import torch
+
+    if args.bundle is not None:
+        from kanseg.bundle import export_bundle
+
+        print(f"wrote MONAI bundle {export_bundle(args.source, args.bundle, args.config)}")
+        return 0
 
     from .export import export_model, max_abs_error
     from .registry import resolved_config

@@ -1,0 +1,172 @@
+"""Export a trained run as a MONAI bundle (for MONAI Deploy / MONAI Label / ``monai.bundle``).
+
+Layout::
+
+    DIR/configs/metadata.json   network data format, labels, spacing, intensity
+    DIR/configs/inference.json  MONAI pre-processing, SlidingWindowInferer, post-processing
+    DIR/models/model.ts         the network, TorchScript (traced on one ROI-sized window)
+
+``inference.json`` uses MONAI and torch only (no kanseg import): the run's pre-processing
+written as MONAI transforms, the run's sliding-window settings, then activation, ``Invertd``
+back to the input grid, the raw dataset label values and ``SaveImaged``. Run it with
+``python -m monai.bundle run --config_file DIR/configs/inference.json --bundle_root DIR
+--dataset_dir IMAGES --output_dir OUT`` (MONAI's CLI needs ``fire``) or
+``monai.bundle.run(config_file=..., bundle_root=..., dataset_dir=...)``: one ``*.nii.gz``
+per case; multi-file cases (one file per channel) go in ``datalist`` as lists.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+
+from kanseg.data.config import DataConfig
+from kanseg.data.layouts import LabelSpec, input_channels, label_spec
+from kanseg.inference import load_run, settings_from_config
+from kanseg.models.export import export_torchscript
+from kanseg.models.io import atomic_write
+
+MODEL = "models/model.ts"
+
+
+def preprocessing_json(cfg: DataConfig) -> list[dict]:
+    """The ``infer`` pipeline of :func:`kanseg.data.transforms.preprocessing` as MONAI
+    bundle config items (same transforms, same order, same arguments)."""
+    if cfg.spatial_dims != 3:
+        raise ValueError(f"bundle export supports 3D runs; this run has "
+                         f"data.spatial_dims={cfg.spatial_dims}")
+    steps: list[dict] = [{"_target_": "LoadImaged", "keys": "image", "image_only": True,
+                          "ensure_channel_first": True, "dtype": "$np.float32"}]
+    if cfg.orientation:
+        steps.append({"_target_": "Orientationd", "keys": "image",
+                      "axcodes": cfg.orientation.upper()[:3], "labels": None})
+    if cfg.spacing:
+        steps.append({"_target_": "Spacingd", "keys": "image", "pixdim": list(cfg.spacing),
+                      "mode": "bilinear"})
+    crop = [{"_target_": "CropForegroundd", "keys": "image", "source_key": "image",
+             "allow_smaller": True}] if cfg.crop_foreground else []
+    if cfg.intensity == "mri":
+        intensity = [{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True,
+                      "channel_wise": True}]
+    elif cfg.intensity == "ct":
+        lo, hi = cfg.ct_window
+        intensity = [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo,
+                      "a_max": hi, "b_min": 0.0, "b_max": 1.0, "clip": True}]
+    else:
+        intensity = []
+    steps += intensity + crop if cfg.intensity == "ct" else crop + intensity
+    return steps
+
+
+def to_labels_expression(spec: LabelSpec, threshold: float) -> str:
+    """A ``$lambda`` turning probabilities ``(K, *S)`` into raw label values ``(1, *S)``,
+    as :func:`kanseg.inference.probabilities_to_labels` does."""
+    if spec.activation == "softmax":
+        raw = [v[0] for v in spec.values]
+        return f"$lambda p: torch.tensor({raw}, dtype=torch.uint8)[p.argmax(0, keepdim=True)]"
+    order = sorted(range(spec.out_channels), key=lambda i: -len(spec.values[i]))
+    expr = "0"
+    for rank, i in enumerate(order):  # largest first, so the smallest region wins
+        smaller = {v for j in order[rank + 1:] for v in spec.values[j]}
+        own = min(set(spec.values[i]) - smaller or set(spec.values[i]))
+        expr = f"torch.where(p[{i}:{i + 1}] > {threshold}, {own}, {expr})"
+    return f"$lambda p: ({expr}).to(torch.uint8)"
+
+
+def inference_json(cfg: Any) -> dict:
+    """The bundle's ``inference.json`` for a run config."""
+    spec = label_spec(cfg.data)
+    settings = settings_from_config(cfg)
+    activation = {"sigmoid": True} if spec.activation == "sigmoid" else {"softmax": True}
+    return {
+        "imports": ["$import glob", "$import numpy as np", "$import torch"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "$@bundle_root + '/data'",
+        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii.gz')))",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network": f"$torch.jit.load(@bundle_root + '/{MODEL}', map_location=@device).eval()",
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing_json(cfg.data)},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": settings.roi_size,
+                    "sw_batch_size": settings.sw_batch_size, "overlap": settings.overlap,
+                    "mode": settings.mode, "sw_device": "@device", "device": "cpu"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", **activation},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing",
+             "orig_keys": "image", "nearest_interp": False, "to_tensor": True},
+            {"_target_": "Lambdad", "keys": "pred",
+             "func": to_labels_expression(spec, settings.threshold)},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
+             "output_postfix": "seg", "output_dtype": "$np.uint8", "resample": False,
+             "separate_folder": False, "print_log": False},
+        ]},
+        "predict": "$lambda d: dict(d, pred=@inferer(d['image'][None].to(@device), "
+                   "@network)[0].cpu())",
+        "initialize": ["$torch.set_grad_enabled(False)"],
+        "run": ["$[@postprocessing(@predict(d)) for d in @dataset]"],
+    }
+
+
+def metadata_json(cfg: Any) -> dict:
+    """The bundle's ``metadata.json``: versions, network data format, labels, pre-processing."""
+    spec = label_spec(cfg.data)
+    data = cfg.data
+    roi = settings_from_config(cfg).roi_size
+    channels = input_channels(data)
+    modality = "CT" if data.intensity == "ct" else "MR"
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
+                  "0.8.1/meta_schema_20220324.json",
+        "version": "0.1.0",
+        "changelog": {"0.1.0": "exported by kanseg"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {},
+        "task": f"{', '.join(spec.names)} segmentation ({cfg.model.name}, layout {data.layout})",
+        "description": "KAN-convolution segmentation network trained with kanseg; "
+                       "configs/inference.json runs it with MONAI only.",
+        "authors": "kanseg", "copyright": "see the training data's license",
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "modality": modality,
+                "num_channels": channels, "spatial_shape": roi, "dtype": "float32",
+                "value_range": [], "is_patch_data": True,
+                "channel_def": {str(i): f"channel {i}" for i in range(channels)}}},
+            "outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": spec.out_channels,
+                "spatial_shape": roi, "dtype": "float32", "value_range": [0, 1],
+                "is_patch_data": True, "activation": spec.activation,
+                "channel_def": {str(i): n for i, n in enumerate(spec.names)}}},
+        },
+        "labels": {"mode": spec.mode, "names": list(spec.names),
+                   "values": [list(v) for v in spec.values]},
+        "spacing": data.spacing, "orientation": data.orientation,
+        "intensity": {"mode": data.intensity, "ct_window": list(data.ct_window)
+                      if data.intensity == "ct" else None},
+    }
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=2) + "\n"))
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path,
+                  config: str | Path | None = None) -> Path:
+    """Write the run (folder or weights file) as a MONAI bundle folder ``out``."""
+    cfg, model = load_run(checkpoint, config)
+    out = Path(out)
+    inference, metadata = inference_json(cfg), metadata_json(cfg)
+    example = torch.randn(1, input_channels(cfg.data), *settings_from_config(cfg).roi_size)
+    (out / MODEL).parent.mkdir(parents=True, exist_ok=True)
+    export_torchscript(model, example, out / MODEL)
+    _write_json(out / "configs" / "metadata.json", metadata)
+    _write_json(out / "configs" / "inference.json", inference)
+    return out
