@@ -165,6 +165,15 @@ def _geometry_problem(pred: Any, label: Any, atol: float = 1e-3) -> str | None:
     return None
 
 
+def _undeclared_values(arrays: dict[Path, np.ndarray], labels: Sequence[EvalLabel]) -> str | None:
+    """A problem naming each file with label values outside ``labels`` (plus background)."""
+    declared = {0} | {v for label in labels for v in label.values}
+    found = {path: sorted(set(np.unique(a).tolist()) - declared) for path, a in arrays.items()}
+    problems = [f"{path.name} has label values {values} outside the declared set "
+                f"{sorted(declared)}" for path, values in found.items() if values]
+    return "; ".join(problems) or None
+
+
 def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel]) -> list[dict]:
     """Rows for one case: one per label, or a single row naming the problem."""
     base = {"case": pair.case, "pred_file": str(pair.pred or ""),
@@ -180,6 +189,9 @@ def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel]) -> list[dict]:
         pred, label = _as_labels(pred_img, pair.pred), _as_labels(label_img, pair.label)
     except Exception as err:  # unreadable / corrupt files are reported, not raised
         return [{**base, "label": "", "status": f"unreadable: {err}"}]
+    problem = _undeclared_values({pair.label: label, pair.pred: pred}, labels) if labels else None
+    if problem:
+        return [{**base, "label": "", "status": problem}]
     case_labels = list(labels) or [
         EvalLabel(str(v), (v,)) for v in sorted((set(np.unique(label)) | set(np.unique(pred)))
                                                  - {0})]

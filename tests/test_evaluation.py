@@ -169,3 +169,23 @@ def test_unusable_arguments_exit_non_zero(tmp_path, capsys):
                str(tmp_path / "labels"), "--output", str(tmp_path / "eval")])
     assert rc != 0
     assert "missing" in capsys.readouterr().err
+
+
+def test_undeclared_label_values_are_problems_and_nothing_scored_exits_1(tmp_path, capsys):
+    pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+    for i in range(2):
+        gt, pred = _toy_pair(i)
+        gt[0, 0, 0] = 7  # not a BraTS label
+        _save(label_dir / f"BraTS2021_{i:05d}.nii.gz", gt)
+        _save(pred_dir / f"BraTS2021_{i:05d}.nii.gz", pred)
+    out, config = tmp_path / "eval", tmp_path / "config.yaml"
+    config.write_text(f"data: {{root: {label_dir}, layout: brats2021}}\n"
+                      "loss: {name: dice_bce}\n")
+    rc = main(["evaluate", "--pred", str(pred_dir), "--label", str(label_dir), "--output",
+               str(out), "--config", str(config), "--no-plots"])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert "BraTS2021_00001.nii.gz has label values [7] outside the declared set [0, 1, 2, 4]" \
+        in captured.out
+    assert "no case was scored (2 problem(s)" in captured.err
+    assert json.loads((out / "summary.json").read_text())["cases_scored"] == 0

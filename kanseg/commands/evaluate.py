@@ -17,7 +17,8 @@ the dataset root LABEL in --layout (then images are used as overlay backgrounds)
 labels: the classes (and BraTS regions TC/WT/ET) of --config or a BraTS --layout, else every
 label value present. Writes OUTPUT/metrics.csv (case, label, dice, hd95 in mm, voxel counts,
 status), OUTPUT/summary.json (mean/std/median per label, problems), OUTPUT/boxplot.png and
-OUTPUT/overlays/{worst,best}N_<case>.png. Missing or mismatched cases are listed, not fatal.
+OUTPUT/overlays/{worst,best}N_<case>.png. Missing or mismatched cases, and label values
+outside the declared labels, are listed per case; the exit code is 1 when no case was scored.
 """
 
 
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"scored {summary['cases_scored']} case(s), mean Dice {_fmt(summary['mean_dice'])}; "
           f"{len(summary['problems'])} problem(s). Reports in {args.output}: metrics.csv, "
           f"summary.json, boxplot.png, overlays/")
+    if not summary["cases_scored"]:
+        raise ValueError(f"no case was scored ({len(summary['problems'])} problem(s) above)")
     return 0
 
 
