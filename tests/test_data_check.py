@@ -14,6 +14,7 @@ from kanseg.data.check import check_dataset
 from kanseg.data.cli import main as data_main
 from kanseg.data.synth import write_case
 from kanseg.schema import from_dict
+from test_data_layouts import write_msd
 
 
 def brats_cfg(root, **extra) -> DataConfig:
@@ -161,3 +162,24 @@ def test_cli_exit_codes(brats, tmp_path, capsys):
     config.write_text("data:\n  layout: brats2099\n")
     assert data_main(["data", "check", "--config", str(config)]) == 2
     assert "data.layout" in capsys.readouterr().err
+
+
+def test_msd_entries_outside_the_root_are_reported(tmp_path):
+    task = tmp_path / "Task04"
+    write_msd(task)
+    meta = json.loads((task / "dataset.json").read_text())
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for name in ("x.nii.gz", "y.nii.gz"):
+        (outside / name).write_bytes((task / "labelsTr/hippo_000.nii.gz").read_bytes())
+    meta["training"].append({"image": "../elsewhere/x.nii.gz", "label": "../elsewhere/y.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps(meta))
+    cfg = from_dict(DataConfig, {"root": str(task), "layout": "msd",
+                                 "patch_size": [8, 8, 8]}, "data")
+    report = check_dataset(cfg)
+    inside = {w.where: w.message for w in report.warnings if "outside" in w.message}
+    assert set(inside) == {str(outside / "x.nii.gz"), str(outside / "y.nii.gz")}
+    assert "case x: the dataset.json entry points outside the dataset root" in \
+        inside[str(outside / "x.nii.gz")]
+    # the 2-channel 4D images of MSD are what the network takes: no channel error for them
+    assert [str(e.where) for e in report.errors] == [str(outside / "x.nii.gz")]

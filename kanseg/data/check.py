@@ -4,7 +4,8 @@ Errors (training refuses to start): empty dataset, missing modality or label, un
 corrupt file, image/label shape or affine mismatch, label values outside the declared set,
 NaN/Inf voxels, duplicate case ids, more dimensions or channels than the network takes (a 4D
 file where one 3D volume is expected). Warnings: unusual voxel spacing, empty label maps,
-images smaller than the patch size, an empty validation split.
+images smaller than the patch size, MSD dataset.json entries outside the dataset root, an
+empty validation split.
 """
 from __future__ import annotations
 
@@ -208,6 +209,15 @@ def check_case(report: CheckReport, case: dict, cfg: DataConfig, allowed: set[in
                                        f"{cfg.spatial_dims}D volume per modality)")
 
 
+def _check_inside(report: CheckReport, case: dict, root: Path) -> None:
+    """Warn about files of a case that lie outside ``root`` (a ``../`` dataset.json entry)."""
+    images = case["image"] if isinstance(case["image"], list) else [case["image"]]
+    for file in images + ([case["label"]] if "label" in case else []):
+        if not Path(file).is_relative_to(root):
+            report.add("warning", file, f"case {case['id']}: the dataset.json entry points "
+                                        f"outside the dataset root {root}")
+
+
 def check_dataset(cfg: DataConfig, progress: bool = False) -> CheckReport:
     """Check every case of the configured dataset (reads every file once)."""
     report = CheckReport()
@@ -234,6 +244,8 @@ def check_dataset(cfg: DataConfig, progress: bool = False) -> CheckReport:
             report.add("warning", case["image"] if isinstance(case["image"], str)
                        else case["image"][0], f"case {case['id']} has no label (inference only)")
         check_case(report, case, cfg, allowed, channels)
+        if cfg.layout == "msd":
+            _check_inside(report, case, Path(cfg.root).resolve())
     try:
         _, val = split_cases(cases, cfg)
         if not val:
