@@ -176,7 +176,7 @@ class RecurrenceBasis(PolynomialBasis):
         polys = x.new_empty(out.shape) if self.silu_output else out
         self._polynomials_into(t, a, b, c, polys)
         if self.silu_output:
-            F.silu(out.copy_(polys), inplace=True)
+            torch.ops.aten.silu.out(polys, out=out)
         trained = [leaf for leaf in leaves if leaf.requires_grad]
 
         def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:

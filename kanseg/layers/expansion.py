@@ -31,9 +31,19 @@ def expand(x: Tensor, basis: Basis, base_activation: nn.Module | None) -> Tensor
     n_base = 0 if base_activation is None else 1
     out = x.new_empty((x.shape[0], x.shape[1], n_base + basis.n_basis) + tuple(x.shape[2:]))
     if base_activation is not None:
-        out[:, :, 0] = base_activation(x)
+        write_base(base_activation, x, out[:, :, 0])
     basis.expand_into(x, out[:, :, n_base:])
     return out.flatten(1, 2)
+
+
+def write_base(base_activation: nn.Module, x: Tensor, out: Tensor) -> None:
+    """``out[...] = base_activation(x)`` without a temporary for SiLU and identity."""
+    if type(base_activation) is nn.SiLU:
+        torch.ops.aten.silu.out(x, out=out)
+    elif type(base_activation) is nn.Identity:
+        out.copy_(x)
+    else:
+        out.copy_(base_activation(x))
 
 
 def _base_vjp(base_activation: nn.Module | None, x: Tensor, grad: Tensor) -> Tensor | None:
@@ -126,7 +136,7 @@ class ExpandConv(torch.autograd.Function):
             if vjp is None:
                 return None
             if n_base:
-                out[:, :, 0] = layer.base_activation(x)
+                write_base(layer.base_activation, x, out[:, :, 0])
         need_input = need_x or any(need_p)
         grad_expanded, grad_weight = ExpandConv._conv_backward(ctx, grad_out, out.flatten(1, 2),
                                                                 weight, need_input)
