@@ -207,7 +207,8 @@ def case_id(path: str | Path) -> str:
 
 def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None) -> list[dict]:
     """Cases ``{"id", "image"}`` to predict from a file, a BraTS case folder, a folder of image
-    files, or (with ``layout``) a dataset root in that layout (every case it lists)."""
+    files, or (with ``layout``) a dataset root in that layout (every case it lists). A case's
+    missing files are reported when it is predicted, so that the other cases still are."""
     path = Path(path).expanduser()
     if path.is_file():
         return [{"id": case_id(path), "image": str(path.resolve())}]
@@ -229,11 +230,6 @@ def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None)
     if not cases:
         raise InferenceError(f"input folder {path} holds no cases"
                              + (f" of layout {layout!r}" if layout else ""))
-    for case in cases:
-        files = case["image"] if isinstance(case["image"], list) else [case["image"]]
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise InferenceError(f"case {case['id']}: image file {missing[0]} does not exist")
     return [{"id": c["id"], "image": c["image"]} for c in cases]
 
 

@@ -88,7 +88,7 @@ def test_infer_errors_name_the_problem(tmp_path, run_dir, capsys):
 def test_infer_checks_inputs_predicts_the_good_cases_and_never_overwrites(tmp_path, run_dir,
                                                                            capsys):
     data = tmp_path / "data"
-    cases = [write_case(data, i, size=16, seed=3) for i in range(3)]
+    cases = [write_case(data, i, size=16, seed=3) for i in range(4)]
     nan_file = cases[1] / f"{cases[1].name}_t1.nii.gz"
     image = nib.load(str(nan_file))
     volume = image.get_fdata()
@@ -96,14 +96,17 @@ def test_infer_checks_inputs_predicts_the_good_cases_and_never_overwrites(tmp_pa
     nib.save(nib.Nifti1Image(volume, image.affine), str(nan_file))
     corrupt = cases[2] / f"{cases[2].name}_t2.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b truncated")
+    missing = cases[3] / f"{cases[3].name}_flair.nii.gz"
+    missing.unlink()
     out = tmp_path / "pred"
     infer = ["infer", "--checkpoint", str(run_dir), "--input", str(data), "--layout",
              "brats2021", "--output", str(out)]
     assert main(infer) == 1
     err = capsys.readouterr().err
-    assert "2 of 3 case(s) failed (1 prediction(s) written" in err
+    assert "3 of 4 case(s) failed (1 prediction(s) written" in err
     assert f"{nan_file}: 2 NaN/Inf voxels" in err
     assert f"{corrupt}: unreadable or corrupt" in err
+    assert f"{missing}: missing image / modality file (case {cases[3].name})" in err
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{cases[0].name}.nii.gz"]
 
     before = (out / f"{cases[0].name}.nii.gz").read_bytes()
@@ -112,7 +115,7 @@ def test_infer_checks_inputs_predicts_the_good_cases_and_never_overwrites(tmp_pa
     assert "already holds 1 of the predictions" in err and "--overwrite" in err
     assert (out / f"{cases[0].name}.nii.gz").read_bytes() == before
     assert main([*infer, "--overwrite"]) == 1
-    assert "2 of 3 case(s) failed" in capsys.readouterr().err
+    assert "3 of 4 case(s) failed" in capsys.readouterr().err
 
 
 def _file_size_limit(limit: int):
