@@ -354,6 +354,9 @@ def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None 
     from .api import load_adapter, merge
 
     adapter, output = Path(adapter), Path(output)
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter} does not exist (expected a folder "
+                                "written by `kanpeft finetune` or save_adapter)")
     task_file = adapter / TASK_CONFIG_NAME
     cfg = load_config(task_file) if task_file.is_file() else None
     if cfg is not None:

@@ -145,3 +145,10 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="classification.bogus"):
         load_config(tmp_path / "bad.yaml", ["peft.method=lora", "classification.bogus=1"])
     assert main(["finetune", "--config", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_merge_of_a_missing_adapter_folder_says_so(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["merge", "--adapter", str(missing), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"adapter folder {missing} does not exist" in err and "--backbone" not in err
