@@ -49,6 +49,8 @@ class InferenceConfig:
     save_probabilities: bool = False
     threshold: float = 0.5
     device: str = "auto"
+    # label maps: "auto" -> <id>.png (H x W) for PNG/JPEG/TIFF/BMP inputs, <id>.nii.gz otherwise
+    output_format: Literal["auto", "nifti", "png"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

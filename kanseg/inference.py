@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
+from PIL import Image
 from torch import nn
 
 from kanseg.data.layouts import (
@@ -28,6 +29,7 @@ from kanseg.data.layouts import (
 )
 from kanseg.config import InferenceConfig
 from kanseg.engine.checkpoint import WEIGHTS, load_weights
+from kanseg.models.io import atomic_write
 
 CHECKPOINT_DIRS = ("checkpoints/best", "checkpoints/last")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES_2D
@@ -315,10 +317,33 @@ def predict_case(case: dict, transform: Any, inverter: Any,
     return probs, np.asarray(inverted.affine, dtype=np.float64)
 
 
-def check_output(output: Path, cases: Sequence[dict], overwrite: bool) -> None:
+def prediction_file(case: dict, output_format: str = "auto") -> str:
+    """File name of a case's label map: ``<id>.png`` for 2D bitmap inputs (``auto``) or
+    ``png``, else ``<id>.nii.gz``."""
+    bitmap = _first_file(case["image"]).lower().endswith(IMAGE_SUFFIXES_2D)
+    png = output_format == "png" or (output_format == "auto" and bitmap)
+    return f"{case['id']}{'.png' if png else '.nii.gz'}"
+
+
+def write_png(labels: np.ndarray, path: str | Path) -> Path:
+    """Write a 2D label map (MONAI's (W, H) order) as a PNG of H x W pixels holding the raw
+    label values (8-bit, or 16-bit above 255), atomically."""
+    if labels.ndim != 2:
+        raise InferenceError(f"{path}: PNG output needs a 2D label map, got shape "
+                             f"{labels.shape}; use --format nifti")
+    image = Image.fromarray(np.ascontiguousarray(labels.T).astype(
+        np.uint8 if labels.max(initial=0) < 256 else np.uint16))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), ".png")
+    return path
+
+
+def check_output(output: Path, cases: Sequence[dict], overwrite: bool,
+                 output_format: str = "auto") -> None:
     """Refuse to replace existing predictions of ``cases`` in ``output`` unless ``overwrite``."""
-    existing = [output / f"{c['id']}.nii.gz" for c in cases
-                if (output / f"{c['id']}.nii.gz").exists()]
+    existing = [p for p in (output / prediction_file(c, output_format) for c in cases)
+                if p.exists()]
     if existing and not overwrite:
         raise InferenceError(f"output folder {output} already holds {len(existing)} of the "
                              f"predictions to write (e.g. {existing[0].name}); pass --overwrite "
@@ -328,7 +353,8 @@ def check_output(output: Path, cases: Sequence[dict], overwrite: bool) -> None:
 def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str | Path,
                   settings: InferenceConfig, progress: bool = True,
                   overwrite: bool = False) -> list[Path]:
-    """Predict every case, writing ``output/<id>.nii.gz`` (and with ``save_probabilities``
+    """Predict every case, writing ``output/<id>.nii.gz`` or ``<id>.png`` (see
+    :func:`prediction_file`; and with ``save_probabilities``
     ``output/probabilities/<id>.nii.gz``, channels last). Returns the label-map paths.
 
     Existing predictions are replaced only with ``overwrite``. A case that fails (bad input,
@@ -344,7 +370,7 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
     # one case: show the windows' progress (BraTS-sized volumes take minutes on a CPU)
     predictor = Predictor(model, spec, settings, progress=progress and len(cases) == 1)
     output = Path(output)
-    check_output(output, cases, overwrite)
+    check_output(output, cases, overwrite, settings.output_format)
     written, failures = [], []
     for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
         try:
@@ -355,7 +381,9 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
             continue
         reference = _first_file(case["image"])
         labels = probabilities_to_labels(probs, spec, settings.threshold)
-        written.append(write_like(labels, reference, output / f"{case['id']}.nii.gz", affine))
+        name = prediction_file(case, settings.output_format)
+        written.append(write_png(labels, output / name) if name.endswith(".png")
+                       else write_like(labels, reference, output / name, affine))
         if settings.save_probabilities:
             channels_last = np.moveaxis(probs.numpy().astype(np.float32), 0, -1)
             write_like(channels_last, reference,

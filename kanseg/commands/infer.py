@@ -19,7 +19,9 @@ file (its run's config.yaml is found in a parent folder, or pass --config). --in
 image file, one BraTS case folder, a folder of image files, or a dataset root with --layout.
 Writes OUTPUT/<case id>.nii.gz: an integer label map (raw dataset labels, e.g. BraTS
 {0,1,2,4}) with the input's shape, affine and header, so it overlays the input in 3D Slicer
-or ITK-SNAP. --save-probabilities adds OUTPUT/probabilities/<case id>.nii.gz (channels last).
+or ITK-SNAP; PNG/JPEG/TIFF/BMP inputs get OUTPUT/<name>.png masks of the input's height x
+width instead (--format nifti keeps NIfTI). --save-probabilities adds
+OUTPUT/probabilities/<case id>.nii.gz (channels last).
 Sliding-window settings default to the run config's `inference` section. Inputs are checked
 as `kanseg data check` does (unreadable files, NaN/Inf voxels...); a bad case is reported and
 the others are still predicted (exit code 1 when any case failed).
@@ -54,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="sigmoid threshold for regions (0.5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace predictions that OUTPUT already holds (refused without it)")
+    p.add_argument("--format", dest="output_format", choices=("auto", "nifti", "png"),
+                   help="label maps: auto (default) writes <id>.png (H x W, label values) "
+                        "for PNG/JPEG/TIFF/BMP inputs and <id>.nii.gz otherwise")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... or auto (default from config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the run config (repeatable)")
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, roi_size=args.roi_size, overlap=args.overlap, mode=args.mode,
         sw_batch_size=args.sw_batch_size, tta_flips=args.tta,
         save_probabilities=args.save_probabilities, threshold=args.threshold,
-        device=args.device)
+        device=args.device, output_format=args.output_format)
     cases = list_input_cases(args.input, cfg.data, args.layout)
     written = run_inference(cfg, model, cases, args.output, settings, overwrite=args.overwrite)
     print(f"wrote {len(written)} prediction(s) to {args.output}"
