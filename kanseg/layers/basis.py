@@ -387,7 +387,7 @@ class GaussianRBFBasis(Basis):
 
     ``z`` is ``x`` instance-normalised (per sample and channel, no affine), as torch-conv-kan's
     FastKAN normalises its input; ``h`` defaults to the grid spacing. FastKAN layers have no
-    output norm or activation by default.
+    output norm or activation by default. Analytic VJP through the Gaussians and the norm.
     """
 
     layer_defaults = {"norm": "none", "activation": None}
@@ -400,15 +400,49 @@ class GaussianRBFBasis(Basis):
         self.n_basis = grid_size
         self.denominator = float(denominator) if denominator else (hi - lo) / (grid_size - 1)
         self.eps = eps
-        self.register_buffer("grid", torch.linspace(lo, hi, grid_size), persistent=False)
+        self.grid_range = (lo, hi)
+
+    def grid(self, like: Tensor) -> Tensor:
+        """The ``grid_size`` centres in ``like``'s dtype and device, shaped ``(1, 1, n, 1...)``."""
+        grid = torch.linspace(*self.grid_range, self.n_basis, dtype=like.dtype, device=like.device)
+        return grid.view((1, 1, -1) + (1,) * (like.dim() - 2))
 
     def forward(self, x: Tensor) -> Tensor:
         dims = tuple(range(2, x.dim()))
         mean = x.mean(dim=dims, keepdim=True)
         var = (x - mean).square().mean(dim=dims, keepdim=True)
         z = (x - mean) * torch.rsqrt(var + self.eps)
-        grid = self.grid.to(x.dtype).view((1, 1, -1) + (1,) * len(dims))
-        return torch.exp(-((z.unsqueeze(2) - grid) / self.denominator).square())
+        return torch.exp(-((z.unsqueeze(2) - self.grid(x)) / self.denominator).square())
+
+    def _rbf_into(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """The basis written into ``out`` without autograd; returns ``z`` and ``1 / sigma``."""
+        dims = tuple(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        inv_std = torch.rsqrt(var + self.eps)
+        z = (x - mean).mul_(inv_std)
+        torch.sub(z.unsqueeze(2), self.grid(x), out=out).mul_(1.0 / self.denominator)
+        out.square_().neg_().exp_()
+        return z, inv_std
+
+    def expand_into(self, x: Tensor, out: Tensor) -> None:
+        self._rbf_into(x, out)
+
+    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]]:
+        z, inv_std = self._rbf_into(x, out)
+
+        def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
+            # dphi_j/dz = -2 (z - g_j) / h^2 phi_j, so grad_z = -2/h^2 (z S1 - S2) with
+            # S1 = sum_j G_j phi_j and S2 = sum_j g_j G_j phi_j; then instance norm's VJP
+            weighted = grad * out
+            grad_z = (z * weighted.sum(2)).sub_((weighted * self.grid(x)).sum(2))
+            grad_z.mul_(-2.0 / self.denominator**2)
+            dims = tuple(range(2, x.dim()))
+            projection = (grad_z * z).mean(dims, keepdim=True)
+            grad_x = grad_z.sub_(grad_z.mean(dims, keepdim=True)).sub_(z * projection)
+            return grad_x.mul_(inv_std), []
+
+        return vjp
 
 
 @register_basis("kan")
