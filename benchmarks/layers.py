@@ -116,8 +116,11 @@ def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: in
             runs[f"floor{width}"] = (CONV[dims](width, channels, 3, padding=1, groups=groups, bias=False),
                                      floor_x)
     if "kagn" in families:
-        runs["kagn recompute=False"] = (create_kan_conv("kagn", dims, channels, channels, 3, padding=1,
-                                                        groups=groups, recompute=False), x)
+        saving = create_kan_conv("kagn", dims, channels, channels, 3, padding=1, groups=groups,
+                                 recompute=False)
+        runs["kagn recompute=False"] = (saving, x)
+        if compile_layers:
+            runs["kagn recompute=False compiled"] = (torch.compile(saving), x)
     if tck is not None and "kagn" in families:
         cls = tck.KAGNConv2DLayer if dims == 2 else tck.KAGNConv3DLayer
         runs["tck"] = (cls(channels, channels, 3, degree=3, padding=1, groups=groups), x)
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             train, no_grad = times["train"], times["no_grad"]
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
             compiled = [f"{family} compiled" for family in families]
-            for name in [*families, *compiled, "kagn recompute=False", "tck", "plain"]:
+            for name in [*families, *compiled, "kagn recompute=False",
+                         "kagn recompute=False compiled", "tck", "plain"]:
                 if name not in runs:
                     continue
                 module, x = runs[name]
