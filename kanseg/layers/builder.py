@@ -1,0 +1,59 @@
+"""``create_kan_conv``: any registered KAN family as a layer (plain or bottleneck), 1D/2D/3D."""
+from __future__ import annotations
+
+from math import prod
+from typing import Sequence
+
+from torch import nn
+
+from .basis import basis_class, create_basis
+from .bottleneck import KANBottleneckConv
+from .conv import KANConv
+
+#: layer options every KAN family accepts, next to its basis options
+LAYER_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
+                 "conv_strategy")
+
+
+def create_kan_conv(
+    family: str,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    bottleneck: bool = False,
+    dim_reduction: float = 4.0,
+    min_internal: int = 16,
+    **family_options,
+) -> nn.Module:
+    """Build a KAN convolution of any registered ``family`` in 1D, 2D or 3D.
+
+    ``family_options`` holds the basis options (``degree``, ``grid_size``, ``wavelet``...) and
+    the layer options ``norm``, ``activation``, ``base_activation``, ``dropout``, ``affine``,
+    ``recompute`` and ``conv_strategy`` (deterministic ``heuristic`` by default, timed ``auto``
+    opt-in, or ``grouped``/``dense``; see :mod:`kanseg.layers.strategy`). Layer options not given
+    take the family's ``layer_defaults`` (torch-conv-kan's choice of base activation, output
+    norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1
+    squeeze / expand convs.
+    """
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    conv_options = dict(basis_class(family).layer_defaults)
+    conv_options.update({k: family_options.pop(k) for k in LAYER_OPTIONS if k in family_options})
+    ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if bottleneck:
+        return KANBottleneckConv(
+            family, spatial_dims, in_channels, out_channels, kernel_size,
+            dim_reduction=dim_reduction, min_internal=min_internal,
+            basis_options=family_options, **geometry, **conv_options,
+        )
+    if groups < 1 or in_channels % groups:
+        raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+    basis = create_basis(family, in_channels // groups, prod(ks), **family_options)
+    return KANConv(basis, spatial_dims, in_channels, out_channels, kernel_size, **geometry,
+                   **conv_options)
