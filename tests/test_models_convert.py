@@ -1,0 +1,92 @@
+"""convert_torch_conv_kan: torch-conv-kan layer instances -> ours, equal outputs in eval mode."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kanseg.layers import KANConv, KANLinear
+from kanseg.models import convert_torch_conv_kan
+
+TCK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "torch-conv-kan"
+CONV_CLASSES = {"kagn": ("kagn_conv", "KAGNConv{}DLayer"), "kaln": ("kaln_conv", "KALNConv{}DLayer"),
+                "kajn": ("kajn_conv", "KAJNConv{}DLayer"), "kacn": ("kacn_conv", "KACNConv{}DLayer")}
+NORMS = {1: (nn.InstanceNorm1d, nn.BatchNorm1d), 2: (nn.InstanceNorm2d, nn.BatchNorm2d),
+         3: (nn.InstanceNorm3d, nn.BatchNorm3d)}
+
+
+@pytest.fixture(scope="module")
+def tck():
+    """The reference packages ``kan_convs`` and ``kans``, imported from ../shared."""
+    if not (TCK / "kan_convs").is_dir():
+        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
+    sys.path.insert(0, str(TCK))
+    try:
+        import kan_convs  # noqa: PLC0415 - the reference, imported at run time
+        import kans  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(TCK))
+    return kan_convs, kans
+
+
+def _randomise(module: nn.Module) -> None:
+    """Move every parameter and running statistic off its initial value."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for name, buf in module.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                buf.normal_()
+
+
+@pytest.mark.parametrize("norm_index", [0, 1], ids=["instance", "batch"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("family", sorted(CONV_CLASSES))
+def test_conv_layers_convert_with_equal_outputs(tck, family, dims, norm_index):
+    module_name, cls_name = CONV_CLASSES[family]
+    cls = getattr(getattr(tck[0], module_name), cls_name.format(dims))
+    norm_class = NORMS[dims][norm_index]
+    torch.manual_seed(0)
+    ref = cls(4, 6, 3, degree=3, groups=2, padding=2, stride=2, dilation=2,
+              norm_layer=norm_class, affine=True)
+    _randomise(ref)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref)
+    assert isinstance(ours, KANConv) and not ours.training
+    x = torch.randn((2, 4) + (7,) * dims)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls_name, args", [("GRAMLayer", (6, 4)), ("KALNLayer", (6, 4)),
+                                             ("ChebyKANLayer", (6, 4, 3))])
+def test_linear_layers_convert_with_equal_outputs(tck, cls_name, args):
+    torch.manual_seed(0)
+    ref = getattr(tck[1], cls_name)(*args)
+    _randomise(ref)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref)
+    assert isinstance(ours, KANLinear)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_class_is_named():
+    with pytest.raises(ValueError, match=r"Conv2d: no conversion; covered .*KAGNConvNDLayer"):
+        convert_torch_conv_kan(nn.Conv2d(2, 2, 3))
+
+
+@pytest.mark.parametrize("family", sorted(CONV_CLASSES))
+def test_default_constructed_conv_layers_convert(tck, family):
+    """torch-conv-kan's defaults (instance norm without affine, no groups) in train mode."""
+    module_name, cls_name = CONV_CLASSES[family]
+    ref = getattr(getattr(tck[0], module_name), cls_name.format(2))(3, 5, 3, padding=1)
+    _randomise(ref)
+    ours = convert_torch_conv_kan(ref)
+    assert ours.training and not ours.norm.affine
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
