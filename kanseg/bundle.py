@@ -106,9 +106,9 @@ def inference_json(cfg: Any) -> dict:
              "output_postfix": "seg", "output_dtype": "$np.uint8", "resample": False,
              "separate_folder": False, "print_log": False},
         ]},
-        "predict": "$lambda d: dict(d, pred=@inferer(d['image'][None].to(@device), "
-                   "@network)[0].cpu())",
-        "initialize": ["$torch.set_grad_enabled(False)"],
+        "predict": "$torch.no_grad()(lambda d: dict(d, pred=@inferer("
+                   "d['image'][None].to(@device), @network)[0].cpu()))",
+        "initialize": [],
         "run": ["$[@postprocessing(@predict(d)) for d in @dataset]"],
     }
 

@@ -49,6 +49,7 @@ def test_bundle_runs_with_monai_and_matches_kanseg_infer(run):
     parser["output_dir"] = str(run / "bundle_pred")
     parser.get_parsed_content("initialize")
     parser.get_parsed_content("run")
+    assert torch.is_grad_enabled()  # the bundle leaves no global state behind
     got = nib.load(run / "bundle_pred" / "BraTS2021_00001_t1_seg.nii.gz")
 
     assert main(["infer", "--checkpoint", str(run / "run"), "--input", str(case),
