@@ -36,7 +36,8 @@ def _randomise(module: nn.Module) -> None:
     """Move every parameter and running statistic off its initial value."""
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
+            if p.requires_grad:  # not FastKAN's fixed RBF grid
+                p.copy_(torch.randn_like(p) * 0.3)
         for name, buf in module.named_buffers():
             if name.endswith("running_var"):
                 buf.uniform_(0.5, 1.5)
@@ -90,3 +91,29 @@ def test_default_constructed_conv_layers_convert(tck, family):
     assert ours.training and not ours.norm.affine
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("module_name, cls_name", [("fast_kan_conv", "FastKANConv{}DLayer"),
+                                                   ("kan_conv", "KANConv{}DLayer")])
+def test_spline_conv_layers_convert(tck, module_name, cls_name, dims):
+    cls = getattr(getattr(tck[0], module_name), cls_name.format(dims))
+    torch.manual_seed(0)
+    ref = cls(4, 6, 3, groups=2, padding=2, stride=2, dilation=2)
+    _randomise(ref)
+    if cls_name.startswith("KAN"):
+        with torch.no_grad():  # one slope for every group (ours has one PReLU per layer)
+            for prelu in ref.prelus:
+                prelu.weight.fill_(0.2)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref)
+    x = torch.randn((2, 4) + (7,) * dims)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unequal_group_slopes_are_refused(tck):
+    ref = tck[0].kan_conv.KANConv2DLayer(4, 6, 3, groups=2)
+    with torch.no_grad():
+        ref.prelus[1].weight.fill_(0.5)
+    with pytest.raises(ValueError, match="PReLU slopes differ"):
+        convert_torch_conv_kan(ref)

@@ -1,9 +1,12 @@
 """``convert_torch_conv_kan``: a torch-conv-kan layer instance -> this project's equivalent,
 with the same weights (eval-mode outputs match; see ``tests/test_models_convert.py``).
 
-Covered: the polynomial KAN convolutions of ``kan_convs/`` (KAGN, KALN, KAJN, KACN; 1D/2D/3D,
-groups, instance or batch norm, affine or not) and the ``kans/`` linear layers GRAMLayer,
-KALNLayer and ChebyKANLayer. Anything else is refused with the list of what is covered.
+Covered: the KAN convolutions of ``kan_convs/`` for KAGN, KALN, KAJN, KACN (1D/2D/3D, groups,
+instance or batch norm, affine or not), FastKAN (its default input norm) and KAN B-splines
+(equal per-group PReLUs), and the ``kans/`` linear layers GRAMLayer, KALNLayer and
+ChebyKANLayer. Anything else is refused with the list of what is covered. Deliberate
+exceptions: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis it intends)
+and WavKAN (one scale and shift per input-output pair there, a bank per input channel here).
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
 """
@@ -16,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from kanseg.layers import KANConv, KANLinear, create_kan_conv
+from kanseg.layers import ACTIVATIONS, KANConv, KANLinear, create_kan_conv
 
 from .torch_conv_kan import degree_major_to_channel_major
 
@@ -51,10 +54,8 @@ def _convert_conv(module: nn.Module, family: str) -> KANConv:
                    dropout=module.dropout.p if module.dropout is not None else 0.0)
     if family == "kajn":
         options.update(alpha=module.a, beta=module.b)
-    groups = module.groups
     ours = create_kan_conv(family, module.ndim, module.inputdim, module.outdim,
-                           module.kernel_size, stride=module.stride, padding=module.padding,
-                           dilation=module.dilation, groups=groups, **options)
+                           module.kernel_size, **_geometry(module), **options)
     n_basis = ours.basis.n_basis
     if family == "kacn":  # per-group convs over the channel-major stack already
         basis = torch.cat([conv.weight for conv in module.poly_conv])
@@ -68,6 +69,69 @@ def _convert_conv(module: nn.Module, family: str) -> KANConv:
         state["basis.beta_weights"] = module.beta_weights
     state.update({f"norm.{k}": v for k, v in _grouped_norm_state(module.layer_norm).items()})
     ours.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+    return ours
+
+
+def _activation_name(module: nn.Module, where: str) -> str:
+    """Our name of a parameter-free activation module (SiLU, GELU, ReLU, identity)."""
+    for name, cls in ACTIVATIONS.items():
+        if type(module) is cls and name != "prelu":
+            return name
+    raise ValueError(f"{where}: activation {type(module).__name__} is not supported")
+
+
+def _geometry(module: nn.Module) -> dict:
+    return dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                groups=module.groups)
+
+
+def _spline_state(module: nn.Module) -> dict[str, Tensor]:
+    """Base and basis weights of torch-conv-kan's FastKAN / KAN convs (channel-major already)."""
+    return {"base_weight": torch.cat([conv.weight for conv in module.base_conv]),
+            "basis_weight": torch.cat([conv.weight for conv in module.spline_conv])}
+
+
+def _convert_fastkan(module: nn.Module) -> KANConv:
+    """FastKAN: the input norm must be torch-conv-kan's default (instance norm, no affine), which
+    is the normalisation our Gaussian RBF basis applies."""
+    name = type(module).__name__
+    norm = module.layer_norm[0]
+    if not isinstance(norm, _InstanceNorm) or norm.affine or norm.track_running_stats:
+        raise ValueError(f"{name}: only the default input norm (instance norm without affine) "
+                         f"converts, got {norm}")
+    grid = module.rbf.grid.detach()
+    lo, hi = float(grid[0]), float(grid[-1])
+    if not torch.allclose(grid, torch.linspace(lo, hi, grid.numel(), dtype=grid.dtype)):
+        raise ValueError(f"{name}: the RBF grid is not evenly spaced ({grid.tolist()})")
+    ours = create_kan_conv(
+        "fastkan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
+        **_geometry(module), grid_size=grid.numel(), grid_range=(lo, hi),
+        denominator=module.rbf.denominator, eps=norm.eps,
+        base_activation=_activation_name(module.base_activation, name),
+        dropout=module.dropout.p if module.dropout is not None else 0.0)
+    ours.load_state_dict(_spline_state(module))
+    return ours
+
+
+def _convert_bspline(module: nn.Module) -> KANConv:
+    """KAN (B-spline) conv: one PReLU per group there, one per layer here, so the groups'
+    slopes must be equal."""
+    name = type(module).__name__
+    slopes = torch.cat([prelu.weight for prelu in module.prelus])
+    if slopes.numel() != len(module.prelus) or not torch.all(slopes == slopes[0]):
+        raise ValueError(f"{name}: the per-group PReLU slopes differ ({slopes.tolist()}); "
+                         "only equal single-slope PReLUs convert")
+    norm, affine = _norm_option(module.layer_norm[0], name)
+    ours = create_kan_conv(
+        "kan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
+        **_geometry(module), grid_size=module.grid_size, spline_order=module.spline_order,
+        grid_range=tuple(module.grid_range), norm=norm, affine=affine,
+        base_activation=_activation_name(module.base_activation, name),
+        dropout=module.dropout.p if module.dropout is not None else 0.0)
+    state = _spline_state(module)
+    state["act.weight"] = slopes[:1]
+    state.update({f"norm.{k}": v for k, v in _grouped_norm_state(module.layer_norm).items()})
+    ours.load_state_dict(state)
     return ours
 
 
@@ -104,6 +168,8 @@ def _convert_chebyshev_linear(module: nn.Module) -> KANLinear:
 
 _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **{cls: (lambda m, f=family: _convert_conv(m, f)) for cls, family in _CONV_FAMILIES.items()},
+    "FastKANConvNDLayer": _convert_fastkan,
+    "KANConvNDLayer": _convert_bspline,
     "GRAMLayer": _convert_gram_linear,
     "KALNLayer": _convert_legendre_linear,
     "ChebyKANLayer": _convert_chebyshev_linear,
