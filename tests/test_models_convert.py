@@ -35,8 +35,11 @@ def tck():
 def _randomise(module: nn.Module) -> None:
     """Move every parameter and running statistic off its initial value."""
     with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:  # not FastKAN's fixed RBF grid
+        for name, p in module.named_parameters():
+            p.data = p.data.contiguous()  # ReLU-KAN's phases are expanded views
+            if "phase" in name:  # bump positions: keep them near their grid
+                p.add_(0.05 * torch.randn_like(p))
+            elif p.requires_grad:  # not FastKAN's fixed RBF grid
                 p.copy_(torch.randn_like(p) * 0.3)
         for name, buf in module.named_buffers():
             if name.endswith("running_var"):
@@ -95,7 +98,8 @@ def test_default_constructed_conv_layers_convert(tck, family):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("module_name, cls_name", [("fast_kan_conv", "FastKANConv{}DLayer"),
-                                                   ("kan_conv", "KANConv{}DLayer")])
+                                                   ("kan_conv", "KANConv{}DLayer"),
+                                                   ("relukan_conv", "ReLUKANConv{}DLayer")])
 def test_spline_conv_layers_convert(tck, module_name, cls_name, dims):
     cls = getattr(getattr(tck[0], module_name), cls_name.format(dims))
     torch.manual_seed(0)

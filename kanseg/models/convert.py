@@ -2,8 +2,8 @@
 with the same weights (eval-mode outputs match; see ``tests/test_models_convert.py``).
 
 Covered: the KAN convolutions of ``kan_convs/`` for KAGN, KALN, KAJN, KACN (1D/2D/3D, groups,
-instance or batch norm, affine or not), FastKAN (its default input norm) and KAN B-splines
-(equal per-group PReLUs), and the ``kans/`` linear layers GRAMLayer, KALNLayer and
+instance or batch norm, affine or not), FastKAN (its default input norm), KAN B-splines (equal
+per-group PReLUs) and ReLU-KAN, and the ``kans/`` linear layers GRAMLayer, KALNLayer and
 ChebyKANLayer. Anything else is refused with the list of what is covered. Deliberate
 exceptions: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis it intends)
 and WavKAN (one scale and shift per input-output pair there, a bank per input channel here).
@@ -135,6 +135,23 @@ def _convert_bspline(module: nn.Module) -> KANConv:
     return ours
 
 
+def _convert_relukan(module: nn.Module) -> KANConv:
+    name = type(module).__name__
+    norm, affine = _norm_option(module.layer_norm[0], name)
+    ours = create_kan_conv(
+        "relukan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
+        **_geometry(module), grid_size=module.g, order=module.k, train_phases=module.train_ab,
+        norm=norm, affine=affine, dropout=module.p_dropout)
+    in_per_group = module.inputdim // module.groups
+    state = {"base_weight": torch.cat([conv.weight for conv in module.base_conv]),
+             "basis_weight": torch.cat([conv.weight for conv in module.relukan_conv]),
+             "basis.phase_low": module.phase_low.reshape(in_per_group, -1),
+             "basis.phase_high": module.phase_high.reshape(in_per_group, -1)}
+    state.update({f"norm.{k}": v for k, v in _grouped_norm_state(module.layer_norm).items()})
+    ours.load_state_dict(state)
+    return ours
+
+
 def _convert_gram_linear(module: nn.Module) -> KANLinear:
     ours = KANLinear("kagn", module.in_channels, module.out_channels, degree=module.degrees)
     ours.layer.load_state_dict({
@@ -170,6 +187,7 @@ _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **{cls: (lambda m, f=family: _convert_conv(m, f)) for cls, family in _CONV_FAMILIES.items()},
     "FastKANConvNDLayer": _convert_fastkan,
     "KANConvNDLayer": _convert_bspline,
+    "ReLUConvNDLayer": _convert_relukan,
     "GRAMLayer": _convert_gram_linear,
     "KALNLayer": _convert_legendre_linear,
     "ChebyKANLayer": _convert_chebyshev_linear,
