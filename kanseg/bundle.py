@@ -64,17 +64,20 @@ def preprocessing_json(cfg: DataConfig) -> list[dict]:
 
 def to_labels_expression(spec: LabelSpec, threshold: float) -> str:
     """A ``$lambda`` turning probabilities ``(K, *S)`` into raw label values ``(1, *S)``,
-    as :func:`kanseg.inference.probabilities_to_labels` does."""
+    as :func:`kanseg.inference.probabilities_to_labels` does (softmax: background is what
+    the classes leave, as ``kanseg infer`` sets it where inversion padded)."""
+    dtype = "torch.uint8" if max(max(v) for v in spec.values) < 256 else "torch.int16"
     if spec.activation == "softmax":
         raw = [v[0] for v in spec.values]
-        return f"$lambda p: torch.tensor({raw}, dtype=torch.uint8)[p.argmax(0, keepdim=True)]"
+        probs = "torch.cat([1 - p[1:].sum(0, keepdim=True), p[1:]])"
+        return f"$lambda p: torch.tensor({raw}, dtype={dtype})[{probs}.argmax(0, keepdim=True)]"
     order = sorted(range(spec.out_channels), key=lambda i: -len(spec.values[i]))
     expr = "0"
     for rank, i in enumerate(order):  # largest first, so the smallest region wins
         smaller = {v for j in order[rank + 1:] for v in spec.values[j]}
         own = min(set(spec.values[i]) - smaller or set(spec.values[i]))
         expr = f"torch.where(p[{i}:{i + 1}] > {threshold}, {own}, {expr})"
-    return f"$lambda p: ({expr}).to(torch.uint8)"
+    return f"$lambda p: ({expr}).to({dtype})"
 
 
 def inference_json(cfg: Any) -> dict:
@@ -103,7 +106,7 @@ def inference_json(cfg: Any) -> dict:
             {"_target_": "Lambdad", "keys": "pred",
              "func": to_labels_expression(spec, settings.threshold)},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
-             "output_postfix": "seg", "output_dtype": "$np.uint8", "resample": False,
+             "output_postfix": "seg", "output_dtype": None, "resample": False,
              "separate_folder": False, "print_log": False},
         ]},
         "predict": "$torch.no_grad()(lambda d: dict(d, pred=@inferer("

@@ -17,6 +17,6 @@ from .transforms import LabelsToRegionsd, build_transforms, prediction_inverter
 __all__ = [
     "AugmentConfig", "CheckReport", "DataConfig", "DataError", "Issue", "LabelSpec",
     "LabelsToRegionsd", "build_datasets", "build_loaders", "build_transforms", "check_dataset",
-    "convert_to_nifti", "convert_to_nnunet", "input_channels", "label_spec", "load_cases", "make_dataset",
-    "prediction_inverter", "split_cases", "test_cases",
+    "convert_to_nifti", "convert_to_nnunet", "input_channels", "label_spec", "load_cases",
+    "make_dataset", "prediction_inverter", "split_cases", "test_cases",
 ]
