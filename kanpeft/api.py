@@ -1,13 +1,17 @@
 """The kanpeft Python API: prepare, merge, trainable_report, save_adapter, load_adapter."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 from torch import nn
 
+from kanseg.engine.checkpoint import atomic_write_text
 from kanseg.schema import from_dict
 
 from .methods import METHODS
@@ -49,14 +53,52 @@ def merge(prepared: nn.Module) -> nn.Module:
     return tuner.merge_model(prepared)
 
 
+BASE_FILE = "kanpeft_base.json"
+
+
+def _tensor_hash(tensor: torch.Tensor) -> str:
+    """Short SHA-256 of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_fingerprint(prepared: nn.Module) -> list[str]:
+    """Hashes of a prepared model's frozen parameters: the base weights its adapter needs
+    (not peft's ``original_module`` copies of the modules it trains, e.g. a new head)."""
+    return sorted({_tensor_hash(p) for name, p in prepared.named_parameters()
+                   if not p.requires_grad and ".original_module." not in f".{name}"})
+
+
 def save_adapter(prepared: nn.Module, directory: str | Path) -> Path:
-    """Save only the adapter (and the trained head / norms): safetensors + JSON config.
-    LoRA adapters use peft's layout (``save_pretrained``)."""
+    """Save only the adapter (and the trained head / norms): safetensors + JSON config, and
+    ``kanpeft_base.json``, the fingerprint of the base weights. LoRA adapters use peft's
+    layout (``save_pretrained``)."""
     directory = Path(directory)
     if isinstance(prepared, PeftModel):
         prepared.save_pretrained(str(directory))
-        return directory
-    return tuner.save(prepared, directory)
+    else:
+        tuner.save(prepared, directory)
+    atomic_write_text(directory / BASE_FILE,
+                      json.dumps({"frozen_parameter_sha256": base_fingerprint(prepared)}) + "\n")
+    return directory
+
+
+def check_base(prepared: nn.Module, directory: str | Path) -> None:
+    """Refuse a model with the adapter of ``directory`` loaded when its base weights are not
+    those the adapter was trained on (adapters saved without a fingerprint are not checked)."""
+    path = Path(directory) / BASE_FILE
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text()).get("frozen_parameter_sha256", [])
+    own = {_tensor_hash(p) for p in prepared.parameters()}
+    differ = [h for h in recorded if h not in own]
+    if differ:
+        raise ValueError(f"adapter {directory} was trained on another base: {len(differ)} of "
+                         f"the {len(recorded)} base tensors it records ({path.name}) are not in "
+                         "this backbone; use the backbone it was trained on, or --force "
+                         "(force=True) to merge anyway")
 
 
 def adapter_method(directory: str | Path) -> str:
@@ -70,9 +112,13 @@ def adapter_method(directory: str | Path) -> str:
                      "adapter config")
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Attach a saved adapter to a fresh backbone; a backbone of another architecture is refused."""
-    return METHODS[adapter_method(directory)].load(model, directory)
+def load_adapter(model: nn.Module, directory: str | Path, force: bool = False) -> nn.Module:
+    """Attach a saved adapter to a fresh backbone; a backbone of another architecture is
+    refused, and one with other weights than the adapter's base unless ``force``."""
+    prepared = METHODS[adapter_method(directory)].load(model, directory)
+    if not force:
+        check_base(prepared, directory)
+    return prepared
 
 
 @dataclass

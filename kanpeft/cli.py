@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--backbone", help="backbone checkpoint folder or hub id (overrides the "
                     "one recorded in finetune.yaml)")
     mg.add_argument("--output", required=True, help="folder for the merged model")
+    mg.add_argument("--force", action="store_true", help="merge even when the backbone's "
+                    "weights are not the base the adapter was trained on")
 
     me = sub.add_parser("methods", help="list methods with trainable-parameter counts",
                         formatter_class=fmt,
@@ -90,7 +92,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .tasks import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, args.backbone)
+    out = merge_adapter(args.adapter, args.output, args.backbone, force=args.force)
     print(f"merged model written to {out}")
     return 0
 

@@ -340,13 +340,15 @@ def save_task_config(cfg: FinetuneConfig, directory: Path) -> None:
     (directory / TASK_CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None = None) -> Path:
+def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None = None,
+                  force: bool = False) -> Path:
     """Load ``adapter`` onto its backbone, merge and write the plain model to ``output``.
 
     With a ``finetune.yaml`` beside the adapter (written by :func:`finetune`) the task model
     (new head / U-Net decoder) is rebuilt first; ``backbone`` overrides its backbone source.
     A VGG-KAN classifier is written in torch-conv-kan's checkpoint format (``config.json`` +
     ``model.safetensors``); other models as ``model.safetensors`` + ``finetune.yaml``.
+    A backbone whose weights differ from the adapter's base is refused unless ``force``.
     """
     from kanseg.models import VGGKAN
     from kanseg.models.torch_conv_kan import save_torch_conv_kan
@@ -367,7 +369,7 @@ def merge_adapter(adapter: str | Path, output: str | Path, backbone: str | None 
         model = load_backbone(backbone)
     else:
         raise ValueError(f"{adapter} has no {TASK_CONFIG_NAME}: pass --backbone")
-    merged = merge(load_adapter(model, adapter))
+    merged = merge(load_adapter(model, adapter, force=force))
     if isinstance(merged, VGGKAN):
         describe_merged(merged)
         save_torch_conv_kan(merged, output)

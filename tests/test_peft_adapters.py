@@ -86,6 +86,12 @@ def test_adapter_round_trip(method, tmp_path):
 
     with pytest.raises(ValueError, match="does not fit"):
         kanpeft.load_adapter(small_classifier(width=8, bottleneck=True), tmp_path / "adapter")
+    other = copy.deepcopy(pristine)  # same architecture, another base
+    with torch.no_grad():
+        other.features[0].base_weight.add_(0.01)
+    with pytest.raises(ValueError, match="trained on another base"):
+        kanpeft.load_adapter(copy.deepcopy(other), tmp_path / "adapter")
+    kanpeft.load_adapter(other, tmp_path / "adapter", force=True)
 
 
 def test_hf_peft_workflow(tmp_path):

@@ -70,6 +70,16 @@ def test_finetune_merge_round_trip(backbone, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), prepared(x), atol=1e-4, rtol=1e-4)
 
+    # the adapter records its base: the same architecture with other weights is refused
+    torch.manual_seed(1)
+    other = save_torch_conv_kan(create_model(
+        "vgg_kan", in_channels=1, num_classes=3, family="kagn", vgg_type="VGG11",
+        expected_feature_shape=(1, 1), norm="instance", degree=2), tmp_path / "other")
+    merge = ["merge", "--adapter", str(adapter), "--backbone", str(other), "--output"]
+    assert main([*merge, str(tmp_path / "refused")]) == 1
+    assert not (tmp_path / "refused").exists()
+    assert main([*merge, str(tmp_path / "forced"), "--force"]) == 0
+
 
 def test_methods_command_lists_counts(backbone, capsys):
     assert main(["methods", "--backbone", str(backbone), "--json"]) == 0
