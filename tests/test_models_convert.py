@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from kanseg.layers import KANConv, KANLinear
+from kanseg.layers import KANBottleneckConv, KANConv, KANLinear
 from kanseg.models import convert_torch_conv_kan
 
 TCK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "torch-conv-kan"
 CONV_CLASSES = {"kagn": ("kagn_conv", "KAGNConv{}DLayer"), "kaln": ("kaln_conv", "KALNConv{}DLayer"),
-                "kajn": ("kajn_conv", "KAJNConv{}DLayer"), "kacn": ("kacn_conv", "KACNConv{}DLayer")}
+                "kajn": ("kajn_conv", "KAJNConv{}DLayer"), "kacn": ("kacn_conv", "KACNConv{}DLayer"),
+                "kagn bottleneck": ("kagn_bottleneck_conv", "BottleNeckKAGNConv{}DLayer")}
 NORMS = {1: (nn.InstanceNorm1d, nn.BatchNorm1d), 2: (nn.InstanceNorm2d, nn.BatchNorm2d),
          3: (nn.InstanceNorm3d, nn.BatchNorm3d)}
 
@@ -61,7 +62,7 @@ def test_conv_layers_convert_with_equal_outputs(tck, family, dims, norm_index):
     _randomise(ref)
     ref.eval()
     ours = convert_torch_conv_kan(ref)
-    assert isinstance(ours, KANConv) and not ours.training
+    assert isinstance(ours, (KANConv, KANBottleneckConv)) and not ours.training
     x = torch.randn((2, 4) + (7,) * dims)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 

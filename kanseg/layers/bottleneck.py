@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from .basis import create_basis
 from .conv import KANConv
-from .factories import (conv_function, create_activation, create_dropout, create_norm,
-                        to_tuple)
+from .factories import (conv_function, conv_module, create_activation, create_dropout,
+                        create_norm, to_tuple)
 
 
 def bottleneck_width(in_per_group: int, out_per_group: int, dim_reduction: float,
@@ -62,7 +62,7 @@ class KANBottleneckConv(nn.Module):
         inner = bottleneck_width(in_channels // groups, out_channels // groups, dim_reduction,
                                  min_internal)
         self.inner_channels = inner * groups
-        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        conv_cls = conv_module(spatial_dims)
         self.inner_proj = conv_cls(in_channels, self.inner_channels, 1, groups=groups, bias=False)
         self.out_proj = conv_cls(self.inner_channels, out_channels, 1, groups=groups, bias=False)
         ks = to_tuple(kernel_size, spatial_dims, "kernel_size")

@@ -47,6 +47,11 @@ def conv_function(spatial_dims: int) -> Callable[..., Tensor]:
     return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial_dims]
 
 
+def conv_module(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``."""
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
 def create_dropout(spatial_dims: int, p: float) -> nn.Module | None:
     """Channel dropout for ``spatial_dims`` (None when ``p`` is 0)."""
     return {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}[spatial_dims](p) if p > 0 else None

@@ -1,7 +1,8 @@
 """``convert_torch_conv_kan``: a torch-conv-kan layer instance -> this project's equivalent,
 with the same weights (eval-mode outputs match; see ``tests/test_models_convert.py``).
 
-Covered: the KAN convolutions of ``kan_convs/`` for KAGN, KALN, KAJN, KACN (1D/2D/3D, groups,
+Covered: the KAN convolutions of ``kan_convs/`` for KAGN (plain and bottleneck), KALN, KAJN, KACN
+(1D/2D/3D, groups,
 instance or batch norm, affine or not), FastKAN (its default input norm), KAN B-splines (equal
 per-group PReLUs) and ReLU-KAN, and the ``kans/`` linear layers GRAMLayer, KALNLayer and
 ChebyKANLayer. Anything else is refused with the list of what is covered. Deliberate
@@ -21,11 +22,11 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from kanseg.layers import ACTIVATIONS, KANConv, KANLinear, create_kan_conv
 
-from .torch_conv_kan import degree_major_to_channel_major
+from .torch_conv_kan import layer_state_to_ours
 
 #: torch-conv-kan conv base class -> our family
-_CONV_FAMILIES = {"KAGNConvNDLayer": "kagn", "KALNConvNDLayer": "kaln",
-                  "KAJNConvNDLayer": "kajn", "KACNConvNDLayer": "kacn"}
+_CONV_FAMILIES = {"KAGNConvNDLayer": "kagn", "BottleNeckKAGNConvNDLayer": "kagn",
+                  "KALNConvNDLayer": "kaln", "KAJNConvNDLayer": "kajn", "KACNConvNDLayer": "kacn"}
 
 
 def _norm_option(norm: nn.Module, where: str) -> tuple[str, bool]:
@@ -41,34 +42,35 @@ def _norm_option(norm: nn.Module, where: str) -> tuple[str, bool]:
 
 
 def _grouped_norm_state(norms: nn.ModuleList) -> dict[str, Tensor]:
-    """One norm's state from per-group norms (channels concatenated)."""
+    """Our ``norm.*`` state from torch-conv-kan's per-group norms (channels concatenated)."""
     states = [n.state_dict() for n in norms]
-    return {key: states[0][key] if key == "num_batches_tracked"
+    return {f"norm.{key}": states[0][key] if key == "num_batches_tracked"
             else torch.cat([s[key] for s in states]) for key in states[0]}
 
 
-def _convert_conv(module: nn.Module, family: str) -> KANConv:
+def _dropout(module: nn.Module) -> float:
+    return module.dropout.p if module.dropout is not None else 0.0
+
+
+def _convert_polynomial(module: nn.Module, family: str) -> nn.Module:
+    """KAGN (plain or bottleneck), KALN, KAJN and KACN convs."""
     name = type(module).__name__
     norm, affine = _norm_option(module.layer_norm[0], name)
-    options = dict(degree=module.degree, norm=norm, affine=affine,
-                   dropout=module.dropout.p if module.dropout is not None else 0.0)
+    options = dict(degree=module.degree, norm=norm, affine=affine, dropout=_dropout(module))
     if family == "kajn":
         options.update(alpha=module.a, beta=module.b)
+    if hasattr(module, "inner_dim"):  # bottleneck: reproduce its inner width exactly
+        widest = max(module.inputdim, module.outdim) // module.groups
+        options.update(bottleneck=True, dim_reduction=widest / (module.inner_dim + 0.5),
+                       min_internal=0)
     ours = create_kan_conv(family, module.ndim, module.inputdim, module.outdim,
                            module.kernel_size, **_geometry(module), **options)
-    n_basis = ours.basis.n_basis
     if family == "kacn":  # per-group convs over the channel-major stack already
-        basis = torch.cat([conv.weight for conv in module.poly_conv])
+        state = {"basis_weight": torch.cat([conv.weight for conv in module.poly_conv])}
+        state.update(_grouped_norm_state(module.layer_norm))
     else:
-        basis = torch.cat([degree_major_to_channel_major(w, n_basis)
-                           for w in module.poly_weights])
-    state = {"basis_weight": basis}
-    if ours.base_weight is not None:
-        state["base_weight"] = torch.cat([conv.weight for conv in module.base_conv])
-    if family == "kagn":
-        state["basis.beta_weights"] = module.beta_weights
-    state.update({f"norm.{k}": v for k, v in _grouped_norm_state(module.layer_norm).items()})
-    ours.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+        state = layer_state_to_ours(module.state_dict(), ours, module.groups)
+    ours.load_state_dict(state)
     return ours
 
 
@@ -108,7 +110,7 @@ def _convert_fastkan(module: nn.Module) -> KANConv:
         **_geometry(module), grid_size=grid.numel(), grid_range=(lo, hi),
         denominator=module.rbf.denominator, eps=norm.eps,
         base_activation=_activation_name(module.base_activation, name),
-        dropout=module.dropout.p if module.dropout is not None else 0.0)
+        dropout=_dropout(module))
     ours.load_state_dict(_spline_state(module))
     return ours
 
@@ -127,10 +129,10 @@ def _convert_bspline(module: nn.Module) -> KANConv:
         **_geometry(module), grid_size=module.grid_size, spline_order=module.spline_order,
         grid_range=tuple(module.grid_range), norm=norm, affine=affine,
         base_activation=_activation_name(module.base_activation, name),
-        dropout=module.dropout.p if module.dropout is not None else 0.0)
+        dropout=_dropout(module))
     state = _spline_state(module)
     state["act.weight"] = slopes[:1]
-    state.update({f"norm.{k}": v for k, v in _grouped_norm_state(module.layer_norm).items()})
+    state.update(_grouped_norm_state(module.layer_norm))
     ours.load_state_dict(state)
     return ours
 
@@ -141,13 +143,13 @@ def _convert_relukan(module: nn.Module) -> KANConv:
     ours = create_kan_conv(
         "relukan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
         **_geometry(module), grid_size=module.g, order=module.k, train_phases=module.train_ab,
-        norm=norm, affine=affine, dropout=module.p_dropout)
+        norm=norm, affine=affine, dropout=_dropout(module))
     in_per_group = module.inputdim // module.groups
     state = {"base_weight": torch.cat([conv.weight for conv in module.base_conv]),
              "basis_weight": torch.cat([conv.weight for conv in module.relukan_conv]),
              "basis.phase_low": module.phase_low.reshape(in_per_group, -1),
              "basis.phase_high": module.phase_high.reshape(in_per_group, -1)}
-    state.update({f"norm.{k}": v for k, v in _grouped_norm_state(module.layer_norm).items()})
+    state.update(_grouped_norm_state(module.layer_norm))
     ours.load_state_dict(state)
     return ours
 
@@ -184,7 +186,7 @@ def _convert_chebyshev_linear(module: nn.Module) -> KANLinear:
 
 
 _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    **{cls: (lambda m, f=family: _convert_conv(m, f)) for cls, family in _CONV_FAMILIES.items()},
+    **{cls: (lambda m, f=family: _convert_polynomial(m, f)) for cls, family in _CONV_FAMILIES.items()},
     "FastKANConvNDLayer": _convert_fastkan,
     "KANConvNDLayer": _convert_bspline,
     "ReLUConvNDLayer": _convert_relukan,

@@ -48,8 +48,10 @@ def channel_major_to_degree_major(w: Tensor, n_basis: int) -> Tensor:
     return w.reshape(out, expanded // n_basis, n_basis, *k).transpose(1, 2).reshape(w.shape)
 
 
-def _layer_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
-    """One KAGN layer's tensors (their names, prefix removed) -> our state-dict names."""
+def layer_state_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
+    """One layer's tensors (their names, prefix removed) -> our state-dict names: KAGN (plain or
+    bottleneck), and the other ``base_conv`` + degree-major ``poly_weights`` families (KALN,
+    KAJN), which have no ``beta_weights``."""
     core = layer.core if isinstance(layer, KANBottleneckConv) else layer
     prefix = "core." if core is not layer else ""
     n_basis = core.basis.n_basis
@@ -58,8 +60,9 @@ def _layer_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> 
         "base_weight": torch.cat([theirs[f"base_conv.{g}.weight"] for g in range(groups)]),
         f"{prefix}basis_weight": torch.cat(
             [degree_major_to_channel_major(poly[g], n_basis) for g in range(groups)]),
-        f"{prefix}basis.beta_weights": theirs["beta_weights"],
     }
+    if "beta_weights" in theirs:
+        ours[f"{prefix}basis.beta_weights"] = theirs["beta_weights"]
     if prefix:
         for proj in ("inner_proj", "out_proj"):
             ours[f"{proj}.weight"] = torch.cat(
@@ -73,7 +76,7 @@ def _layer_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> 
 
 
 def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
-    """Inverse of :func:`_layer_to_ours`."""
+    """Inverse of :func:`layer_state_to_ours`."""
     core = layer.core if isinstance(layer, KANBottleneckConv) else layer
     prefix = "core." if core is not layer else ""
     n_basis = core.basis.n_basis
@@ -129,7 +132,7 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str
         if not expected <= set(theirs):
             continue
         try:
-            mapped = _layer_to_ours(theirs, module, module.groups)
+            mapped = layer_state_to_ours(theirs, module, module.groups)
         except (RuntimeError, IndexError) as err:  # a tensor that cannot be regrouped
             shapes.append(f"{name}: {err}")
             continue
