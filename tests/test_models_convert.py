@@ -68,7 +68,8 @@ def test_conv_layers_convert_with_equal_outputs(tck, family, dims, norm_index):
 
 
 @pytest.mark.parametrize("cls_name, args", [("GRAMLayer", (6, 4)), ("KALNLayer", (6, 4)),
-                                             ("ChebyKANLayer", (6, 4, 3))])
+                                             ("ChebyKANLayer", (6, 4, 3)),
+                                             ("JacobiKANLayer", (6, 4, 3)), ("KANLayer", (6, 4))])
 def test_linear_layers_convert_with_equal_outputs(tck, cls_name, args):
     torch.manual_seed(0)
     ref = getattr(tck[1], cls_name)(*args)

@@ -35,6 +35,9 @@ class KANLinear(nn.Module):
     def __init__(self, family: str, in_features: int, out_features: int,
                  norm: str | None = None, **options):
         super().__init__()
+        if family == "fastkan":
+            raise ValueError("KANLinear: the fastkan basis normalises each channel over spatial "
+                             "positions, which a linear layer does not have; use another family")
         self.in_features, self.out_features = in_features, out_features
         self.layer: KANConv = create_kan_conv(family, 1, in_features, out_features, 1,
                                               norm=_linear_norm(family, norm), **options)

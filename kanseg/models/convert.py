@@ -1,18 +1,20 @@
 """``convert_torch_conv_kan``: a torch-conv-kan layer instance -> this project's equivalent,
 with the same weights (eval-mode outputs match; see ``tests/test_models_convert.py``).
 
-Covered: the KAN convolutions of ``kan_convs/`` for KAGN (plain and bottleneck), KALN, KAJN, KACN
-(1D/2D/3D, groups,
-instance or batch norm, affine or not), FastKAN (its default input norm), KAN B-splines (equal
-per-group PReLUs) and ReLU-KAN, and the ``kans/`` linear layers GRAMLayer, KALNLayer and
-ChebyKANLayer. Anything else is refused with the list of what is covered. Deliberate
-exceptions: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis it intends)
-and WavKAN (one scale and shift per input-output pair there, a bank per input channel here).
+Covered: the KAN convolutions of ``kan_convs/`` for KAGN (plain and bottleneck), KALN, KAJN,
+KACN (1D/2D/3D, groups, instance or batch norm, affine or not), FastKAN (its default input
+norm), KAN B-splines (equal per-group PReLUs) and ReLU-KAN; the ``kans/`` linear layers
+GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer. Anything else is refused
+with the list of what is covered. Deliberate exceptions: KABN (torch-conv-kan's basis is all
+ones; ours is the Bernstein basis it intends) and WavKAN (one scale and shift per input-output
+pair there, a bank per input channel here). Not yet covered: attention, focal-modulation and
+MoE layers, and whole models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -154,34 +156,59 @@ def _convert_relukan(module: nn.Module) -> KANConv:
     return ours
 
 
-def _convert_gram_linear(module: nn.Module) -> KANLinear:
-    ours = KANLinear("kagn", module.in_channels, module.out_channels, degree=module.degrees)
-    ours.layer.load_state_dict({
-        "base_weight": module.base_weights.unsqueeze(-1),
-        # theirs (in, out, degree + 1) -> ours (out, in * (degree + 1)), channel-major
-        "basis_weight": module.grams_basis_weights.permute(1, 0, 2)
-        .reshape(module.out_channels, -1, 1),
-        "basis.beta_weights": module.beta_weights,
-        "norm.weight": module.norm.weight, "norm.bias": module.norm.bias,
-    })
-    return ours
+@dataclass(frozen=True)
+class _LinearSpec:
+    """Where a ``kans/`` linear layer keeps what our :class:`KANLinear` needs."""
+
+    family: str
+    sizes: tuple[str, str]  # attributes holding in and out features
+    coefficients: str  # basis weight: (in, out, n) unless ``layout`` says otherwise
+    layout: str = "in_out_n"  # or "out_in_n", or "flat" (out, in * n), channel-major
+    base: str | None = None  # (out, in) base weight
+    norm: str | None = None  # the output LayerNorm
+    options: Callable[[nn.Module], dict] = lambda module: {}
+    extra_state: Callable[[nn.Module], dict] = lambda module: {}
 
 
-def _convert_legendre_linear(module: nn.Module) -> KANLinear:
-    ours = KANLinear("kaln", module.input_features, module.output_features,
-                     degree=module.polynomial_order, base_activation="silu")
-    ours.layer.load_state_dict({
-        "base_weight": module.base_weight.unsqueeze(-1),
-        "basis_weight": module.poly_weight.unsqueeze(-1),  # (out, in * (d + 1)), channel-major
-        "norm.weight": module.layer_norm.weight, "norm.bias": module.layer_norm.bias,
-    })
-    return ours
+_LINEAR_SPECS = {
+    "GRAMLayer": _LinearSpec(
+        "kagn", ("in_channels", "out_channels"), "grams_basis_weights", base="base_weights",
+        norm="norm", options=lambda m: {"degree": m.degrees},
+        extra_state=lambda m: {"basis.beta_weights": m.beta_weights}),
+    "KALNLayer": _LinearSpec(
+        "kaln", ("input_features", "output_features"), "poly_weight", layout="flat",
+        base="base_weight", norm="layer_norm",
+        options=lambda m: {"degree": m.polynomial_order, "base_activation": "silu"}),
+    "ChebyKANLayer": _LinearSpec(
+        "kacn", ("inputdim", "outdim"), "cheby_coeffs",
+        options=lambda m: {"degree": m.degree, "norm": "none"}),
+    "JacobiKANLayer": _LinearSpec(
+        "kajn", ("inputdim", "outdim"), "jacobi_coeffs", base="base_weights", norm="norm",
+        options=lambda m: {"degree": m.degree, "alpha": m.a, "beta": m.b,
+                           "base_activation": "silu"}),
+    "KANLayer": _LinearSpec(
+        "kan", ("input_features", "output_features"), "spline_weight", layout="out_in_n",
+        base="base_weight", norm="layer_norm",
+        options=lambda m: {"grid_size": m.grid_size, "spline_order": m.spline_order,
+                           "grid_range": tuple(m.grid_range),
+                           "base_activation": _activation_name(m.base_activation, "KANLayer")},
+        extra_state=lambda m: {"act.weight": m.prelu.weight}),
+}
 
 
-def _convert_chebyshev_linear(module: nn.Module) -> KANLinear:
-    ours = KANLinear("kacn", module.inputdim, module.outdim, degree=module.degree, norm="none")
-    ours.layer.load_state_dict({"basis_weight": module.cheby_coeffs.permute(1, 0, 2)
-                                .reshape(module.outdim, -1, 1)})
+def _convert_linear(module: nn.Module, spec: _LinearSpec) -> KANLinear:
+    in_features, out_features = (getattr(module, name) for name in spec.sizes)
+    ours = KANLinear(spec.family, in_features, out_features, **spec.options(module))
+    weight = getattr(module, spec.coefficients)
+    if spec.layout == "in_out_n":
+        weight = weight.permute(1, 0, 2)
+    state = {"basis_weight": weight.reshape(out_features, -1, 1), **spec.extra_state(module)}
+    if spec.base is not None:
+        state["base_weight"] = getattr(module, spec.base).unsqueeze(-1)
+    if spec.norm is not None:
+        norm = getattr(module, spec.norm)
+        state.update({"norm.weight": norm.weight, "norm.bias": norm.bias})
+    ours.layer.load_state_dict(state)
     return ours
 
 
@@ -190,9 +217,7 @@ _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "FastKANConvNDLayer": _convert_fastkan,
     "KANConvNDLayer": _convert_bspline,
     "ReLUConvNDLayer": _convert_relukan,
-    "GRAMLayer": _convert_gram_linear,
-    "KALNLayer": _convert_legendre_linear,
-    "ChebyKANLayer": _convert_chebyshev_linear,
+    **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
 }
 
 
