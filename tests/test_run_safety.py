@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,29 @@ def test_malicious_pickles_are_refused_in_one_line_naming_the_file(tmp_path, syn
     with pytest.raises(UnsafeFileError):  # --debug: the traceback
         main(["--debug", "train", "--run-dir", str(run), "--resume", "--no-check"])
     assert not marker.exists()
+
+
+def _kill_when(cmd: list[str], path: Path) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``path`` appears."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.lexists(path) and proc.poll() is None:
+        time.sleep(0.0005)
+    assert proc.poll() is None, f"the run ended before {path.name} appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", [".tmp-epoch-0001", "epoch-0001", ".tmp-epoch-0002"])
+def test_real_sigkill_during_end_of_epoch_checkpoint_then_resume(tmp_path, synth_root, phase):
+    config = tiny_config(tmp_path, synth_root, max_epochs=2, ckpt_every_steps=4, keep_last=5)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _train(config, full) == 0
+    cmd = [sys.executable, "-m", "kanseg.cli", "train", "--config", str(config), "--run-dir",
+           str(cut), "--no-check"]
+    _kill_when(cmd, cut / "checkpoints" / phase)
+    assert main(["train", "--run-dir", str(cut), "--resume", "--no-check"]) == 0
+    expected, got = _rows(full), _rows(cut)
+    assert [r["train_loss"] for r in got] == [r["train_loss"] for r in expected]
+    assert all(float(r["patches_per_s"]) > 0 for r in got)
