@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -171,3 +172,25 @@ def test_real_sigkill_during_end_of_epoch_checkpoint_then_resume(tmp_path, synth
     expected, got = _rows(full), _rows(cut)
     assert [r["train_loss"] for r in got] == [r["train_loss"] for r in expected]
     assert all(float(r["patches_per_s"]) > 0 for r in got)
+
+
+@pytest.mark.slow
+def test_full_disk_during_training_is_one_line_and_leaves_no_partial_checkpoint(tmp_path,
+                                                                                synth_root):
+    def limit() -> None:  # a full disk without tmpfs: no file may grow past 40 kB (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "kanseg.cli", "train", "--config",
+         str(tiny_config(tmp_path, synth_root, max_epochs=1)), "--run-dir", str(run),
+         "--no-check"], capture_output=True, text=True, preexec_fn=limit,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("kanseg train: error:")]
+    assert f"cannot write checkpoint {run / 'checkpoints' / 'epoch-0001'} (File too large)" in line
+    assert "file-size limit" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == []
+    assert not (run / "train.lock").exists()

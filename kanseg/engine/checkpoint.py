@@ -17,6 +17,7 @@ with ``os.replace``. A failed or killed write never touches the previous checkpo
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -26,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 WEIGHTS = "model.safetensors"
 TRAIN_WEIGHTS = "train_model.safetensors"
@@ -46,9 +47,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Save a state dict as safetensors (tensors copied to CPU, contiguous, unshared)."""
+    """Save a state dict as safetensors (tensors copied to CPU, contiguous, unshared);
+    serialised in memory, so that a failed write raises ``OSError`` (full disk...)."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path))
+    Path(path).write_bytes(save(tensors))
+
+
+def save_state(state: Any, path: Path) -> None:
+    """``torch.save`` a state of tensors and plain containers (see :func:`load_state`);
+    serialised in memory, so that a failed write raises ``OSError``, not a C++ stream error."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    Path(path).write_bytes(buffer.getbuffer())
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

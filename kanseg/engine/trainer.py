@@ -386,7 +386,7 @@ class Trainer:
             ckpt.stage(self.ckpt_root, name)
         acc.wait_for_everyone()
         tmp = self.ckpt_root / f".tmp-{name}"
-        torch.save(ckpt.rng_state(), tmp / f"rng-{acc.process_index}.pt")
+        ckpt.save_state(ckpt.rng_state(), tmp / f"rng-{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self._write_checkpoint(tmp, name, best)
@@ -406,12 +406,18 @@ class Trainer:
                 state["ema"] = self.ema.state_dict()
                 ckpt.save_weights(self.acc.unwrap_model(self.model).state_dict(),
                                   tmp / ckpt.TRAIN_WEIGHTS)
-            torch.save(state, tmp / ckpt.STATE)
+            ckpt.save_state(state, tmp / ckpt.STATE)
             ckpt.write_meta(tmp, {"epoch": st.epoch, "step": st.step, "metric": st.metric,
                                   "monitor": self.cfg.monitor, "best": st.best,
                                   "batch_in_epoch": st.batch})
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError):  # name the checkpoint and what was kept
+                last = self.ckpt_root / "last"
+                kept = f"; {last} -> {os.readlink(last)} is kept" if last.is_symlink() else ""
+                raise OSError(err.errno, f"cannot write checkpoint {self.ckpt_root / name} "
+                                         f"({err.strerror}); its partial files were "
+                                         f"removed{kept}") from err
             raise
         ckpt.publish(tmp, name)
         ckpt.link(self.ckpt_root, "last", name)
