@@ -198,3 +198,25 @@ def test_every_layer_option_reaches_kan_networks():
                          depth=2, conv_strategy="dense")
     strategies = {m.conv_strategy for m in model.modules() if isinstance(m, KANConv)}
     assert strategies == {"dense"}
+
+
+@pytest.mark.parametrize("name, dims, kwargs", [
+    ("ukanet", 2, {"width": 8, "depth": 2}), ("ukanet", 3, {"width": 8, "depth": 1}),
+    ("u2kanet", 2, {"variant": "small", "width_scale": 0.5}),
+    ("reskanet18", 2, {"width": 8})])
+def test_groups_reach_the_kan_convs(name, dims, kwargs):
+    """``groups`` groups every KAN conv it divides; the stem from 1 image channel stays whole."""
+    from kanseg.layers import KANConv
+
+    args = dict(spatial_dims=dims, in_channels=1) if name != "reskanet18" else dict(in_channels=1)
+    args["out_channels" if name != "reskanet18" else "num_classes"] = 2
+    grouped = create_model(name, groups=2, **args, **kwargs)
+    plain = create_model(name, **args, **kwargs)
+    layers = [m for m in grouped.modules() if isinstance(m, KANConv)]
+    assert {m.groups for m in layers} == {1, 2}
+    assert all(m.groups == 1 for m in layers if m.in_channels == 1)
+    assert sum(p.numel() for p in grouped.parameters()) < sum(p.numel() for p in plain.parameters())
+    x = torch.randn((1, 1) + (40,) * dims)
+    assert grouped.eval()(x).shape[:2] == (1, 2)
+    with pytest.raises(ValueError, match="groups"):
+        create_model(name, groups=0, **args, **kwargs)

@@ -25,6 +25,8 @@ class ConvFactory:
 
     ``bottleneck=True`` makes every kernel > 1 a squeeze/expand bottleneck KAN conv.
     ``options`` holds the family options (``degree``...) and layer options (``dropout``...).
+    ``groups`` is the default of every conv whose in and out channels it divides (so a stem
+    from image channels or a head to classes stays ungrouped, as in torch-conv-kan).
     """
 
     family: str
@@ -33,14 +35,22 @@ class ConvFactory:
     bottleneck: bool = False
     dim_reduction: float = 4.0
     options: dict[str, Any] = field(default_factory=dict)
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"groups must be an integer >= 1, got {self.groups!r}")
 
     def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, dilation: int = 1, groups: int = 1, act: bool = True,
+                 stride: int = 1, dilation: int = 1, groups: int | None = None, act: bool = True,
                  **overrides: Any) -> nn.Module:
         """A 'same'-padded KAN conv; ``act=False`` drops the output activation (pre-residual).
 
         ``overrides`` replace options for this conv only (e.g. ``dropout``).
         """
+        if groups is None:
+            divides = in_channels % self.groups == 0 and out_channels % self.groups == 0
+            groups = self.groups if divides else 1
         options = {**self.options, **overrides}
         if not act:
             options["activation"] = None

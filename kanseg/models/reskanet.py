@@ -19,6 +19,8 @@ class ResKANet(nn.Module):
     bottleneck blocks). ``forward_features`` returns the maps at strides 2, 4, 8, 16, 32;
     ``forward`` global-average-pools the last and applies dropout + linear (``num_classes=0``:
     no head, ``forward`` returns the pooled features).
+    ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
+    ``groups``; the stem from image channels and the heads stay ungrouped).
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class ResKANet(nn.Module):
         norm: str = "batch",
         dropout_linear: float = 0.0,
         bottleneck_convs: bool = False,
+        groups: int = 1,
         **family_options,
     ):
         super().__init__()
@@ -43,7 +46,8 @@ class ResKANet(nn.Module):
         base = round(width * width_scale)
         if base < 1:
             raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
-        conv = ConvFactory(family, 2, norm, bottleneck_convs, options=family_options)
+        conv = ConvFactory(family, 2, norm, bottleneck_convs, options=family_options,
+                           groups=groups)
         self.stem = conv(in_channels, base, 7, stride=2)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.stages = nn.ModuleList()

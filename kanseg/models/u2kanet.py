@@ -39,6 +39,8 @@ class U2KANet(nn.Module):
     ``kan_levels`` lists the stages (0 = full resolution .. 5 = the deepest encoder stage)
     whose RSU blocks, encoder and decoder, are KAN; the others are plain conv RSU blocks.
     ``None`` (the default) makes every stage KAN.
+    ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
+    ``groups``; the stem from image channels and the heads stay ungrouped).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class U2KANet(nn.Module):
         deep_supervision: bool = False,
         bottleneck_convs: bool = False,
         kan_levels: list[int] | None = None,
+        groups: int = 1,
         **family_options,
     ):
         super().__init__()
@@ -63,7 +66,8 @@ class U2KANet(nn.Module):
         self.spatial_dims = spatial_dims
         self.norm = norm
         self.deep_supervision = deep_supervision
-        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
+        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options,
+                          groups=groups)
         plain = PlainConvFactory(spatial_dims, norm, family_options.get("activation", "silu"))
 
         def scaled(spec):

@@ -30,6 +30,8 @@ class UKANet(nn.Module):
     learned transposed conv: about 8x less compute in 3D (the fast setting for CPU training).
     ``bottleneck_convs`` uses squeeze/expand bottleneck KAN convs for every 3x3 conv.
     ``family_options`` go to every KAN conv (``degree``, ``dropout``, ``recompute``...).
+    ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
+    ``groups``; the stem from image channels and the heads stay ungrouped).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class UKANet(nn.Module):
         stem_stride: int = 1,
         bottleneck_convs: bool = False,
         kan_levels: list[int] | None = None,
+        groups: int = 1,
         **family_options,
     ):
         super().__init__()
@@ -75,7 +78,8 @@ class UKANet(nn.Module):
         self.supervision_levels = supervision_levels if deep_supervision else 1
         channels = [base * 2**i for i in range(depth + 1)]
         levels = check_kan_levels(kan_levels, depth + 1)
-        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options)
+        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options,
+                          groups=groups)
         plain = PlainConvFactory(spatial_dims, norm, family_options.get("activation", "silu"))
         conv = [kan if level in levels else plain for level in range(depth + 1)]
         stem = plain if plain_stem else conv[0]
