@@ -16,7 +16,7 @@ class TrainerConfig:
 
     max_epochs: int = 100
     max_minutes: Optional[float] = None
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "lion"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-5
     momentum: float = 0.9
@@ -60,12 +60,16 @@ class TrainerConfig:
 @dataclass
 class LossConfig:
     """Segmentation loss; ``activation: auto`` is sigmoid for dice_bce, softmax for dice_ce and
-    follows the label mode (overlapping regions -> sigmoid) for the focal losses."""
+    follows the label mode (overlapping regions -> sigmoid) for the focal and Tversky losses.
+    ``tversky``: MONAI's Tversky loss, ``tversky_alpha`` weighting false positives and
+    ``tversky_beta`` false negatives (0.5 / 0.5 is Dice)."""
 
-    name: Literal["dice_ce", "dice_bce", "focal", "dice_focal"] = "dice_ce"
+    name: Literal["dice_ce", "dice_bce", "focal", "dice_focal", "tversky"] = "dice_ce"
     activation: Literal["auto", "sigmoid", "softmax"] = "auto"
     include_background: bool = True
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     gamma: float = 2.0
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
     deep_supervision_weights: Optional[list[float]] = None

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss
+from monai.losses import (DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss,
+                          TverskyLoss)
 from torch import nn
 
 from .config import LossConfig
@@ -64,6 +65,8 @@ def build_loss(cfg: LossConfig, overlapping_labels: bool = False) -> nn.Module:
     elif cfg.name == "dice_focal":
         loss = DiceFocalLoss(**act, gamma=cfg.gamma, lambda_dice=cfg.lambda_dice,
                              lambda_focal=cfg.lambda_ce)
+    elif cfg.name == "tversky":
+        loss = TverskyLoss(**act, alpha=cfg.tversky_alpha, beta=cfg.tversky_beta)
     else:
         loss = FocalLoss(include_background=cfg.include_background, to_onehot_y=not sigmoid,
                          gamma=cfg.gamma, use_softmax=not sigmoid)

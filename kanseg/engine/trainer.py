@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import TrainerConfig
 from .curves import plot_curves
+from .optimizers import Lion
 from .sampling import make_resumable
 from .schedules import build_scheduler
 
@@ -115,6 +116,8 @@ def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainerConfig) -> torch
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "lion":
+        return Lion(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
