@@ -38,9 +38,9 @@ COMMANDS = {
     "train": ("kanseg.commands.train", "train a segmentation network from a YAML config"),
     "infer": ("kanseg.commands.infer", "sliding-window inference, NIfTI out in input geometry"),
     "evaluate": ("kanseg.commands.evaluate", "Dice / HD95 per case and class or region"),
-    "data": ("kanseg.data.cli", "synthesise, check and convert datasets"),
-    "models": ("kanseg.models.cli", "list the registered networks"),
-    "export": ("kanseg.models.cli", "export a trained network to ONNX / TorchScript"),
+    "data": ("kanseg.commands.data", "synthesise, check and convert datasets"),
+    "models": ("kanseg.commands.models", "list the registered networks"),
+    "export": ("kanseg.commands.models", "export a trained network to ONNX / TorchScript"),
 }
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from kanseg.data import DataConfig, DataError
 from kanseg.data.check import check_dataset
-from kanseg.data.cli import main as data_main
+from kanseg.commands.data import main as data_main
 from kanseg.data.synth import write_case
 from kanseg.schema import from_dict
 from test_data_layouts import write_msd

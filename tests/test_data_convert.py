@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from kanseg.data import DataConfig, DataError, build_transforms, load_cases
 from kanseg.data.check import check_dataset
-from kanseg.data.cli import main as data_main
+from kanseg.commands.data import main as data_main
 from kanseg.data.convert import convert_to_nifti
 from kanseg.schema import from_dict
 

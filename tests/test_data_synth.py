@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kanseg.data import DataConfig, build_transforms, load_cases
-from kanseg.data.cli import main as data_main
+from kanseg.commands.data import main as data_main
 from kanseg.data.synth import synth_case
 from kanseg.schema import from_dict
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from kanseg.models.io import UnsafeFileError, load_state  # noqa: F401  (part of this API)
+
 WEIGHTS = "model.safetensors"
 TRAIN_WEIGHTS = "train_model.safetensors"
 META = "meta.json"
@@ -145,24 +147,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class UnsafeFileError(ValueError):
-    """A state file holds pickled objects beyond tensors and plain containers; not loaded."""
-
-
-def load_state(path: Path) -> Any:
-    """Load a ``torch.save``-d state of tensors and plain containers, never unpickling objects."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()
-        raise UnsafeFileError(
-            f"refused to load {path}: it holds pickled Python objects beyond tensors and plain "
-            f"containers (possibly malicious; only files written by kanseg are loaded): "
-            f"{reason[-1] if reason else 'unpickling refused'}") from err
 
 
 def resolve(path: str | Path) -> Path:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from .registry import create_model
@@ -83,4 +85,22 @@ def load_model(folder: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-__all__ = ["CONFIG", "WEIGHTS", "atomic_write", "load_model", "save_model"]
+
+class UnsafeFileError(ValueError):
+    """A state file holds pickled objects beyond tensors and plain containers; not loaded."""
+
+
+def load_state(path: Path) -> Any:
+    """Load a ``torch.save``-d state of tensors and plain containers, never unpickling objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()
+        raise UnsafeFileError(
+            f"refused to load {path}: it holds pickled Python objects beyond tensors and plain "
+            f"containers (possibly malicious; only files written by kanseg are loaded): "
+            f"{reason[-1] if reason else 'unpickling refused'}") from err
+
+
+__all__ = ["CONFIG", "WEIGHTS", "UnsafeFileError", "atomic_write", "load_model", "load_state",
+           "save_model"]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from kanseg.layers import KANBottleneckConv, KANConv
 
-from .io import atomic_write
+from .io import atomic_write, load_state
 from .registry import create_model
 from .vgg import VGG_TYPES, VGGKAN
 
@@ -192,8 +192,6 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         return load_file(path)
     if path.suffix in (".pt", ".pth", ".bin"):
-        from ..engine.checkpoint import load_state
-
         loaded = load_state(path)
         if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
             raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")

@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def model_table(spatial_dims: int | None = None) -> list[dict]:
     """One row per registered model: name, dims, task, params (default config), description."""
-    from . import count_parameters, get_model_spec, list_models
+    from kanseg.models import count_parameters, get_model_spec, list_models
 
     rows = []
     for name in list_models():
@@ -158,7 +158,7 @@ def parse_model_args(items: Sequence[str]) -> dict[str | None, dict[str, Any]]:
 
 def cost_kwargs(name: str, model_args: dict[str | None, dict[str, Any]]) -> dict[str, Any]:
     """The ``--model-arg`` values for model ``name``: the unscoped ones it accepts, then its own."""
-    from .registry import accepted_arguments
+    from kanseg.models.registry import accepted_arguments
 
     scoped = model_args.get(name, {})
     accepted = accepted_arguments(name, scoped)
@@ -168,7 +168,7 @@ def cost_kwargs(name: str, model_args: dict[str | None, dict[str, Any]]) -> dict
 
 def cost_models(names: list[str] | None, dims: int) -> list[str]:
     """``names`` checked against the registry, or every segmentation model supporting ``dims``."""
-    from . import get_model_spec, list_models
+    from kanseg.models import get_model_spec, list_models
 
     if names is None:
         return [n for n in list_models()
@@ -187,7 +187,7 @@ def cost_models(names: list[str] | None, dims: int) -> list[str]:
 def cost_table(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One cost row per model (``error`` instead of numbers when it could not be measured),
     a progress line per model on stderr."""
-    from .cost import model_cost
+    from kanseg.models.cost import model_cost
 
     names = cost_models(args.models, len(args.patch))
     model_args = parse_model_args(args.model_args)
@@ -261,7 +261,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 def _load_source(args: argparse.Namespace):
     """(model in eval mode, default spatial size or None) for the export source."""
-    from .io import CONFIG, load_model
+    from kanseg.models.io import CONFIG, load_model
 
     if args.source.is_dir() and (args.source / CONFIG).is_file():
         return load_model(args.source), None
@@ -280,8 +280,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote MONAI bundle {export_bundle(args.source, args.bundle, args.config)}")
         return 0
 
-    from .export import export_model, max_abs_error
-    from .registry import resolved_config
+    from kanseg.models.export import export_model, max_abs_error
+    from kanseg.models.registry import resolved_config
 
     model, default_size = _load_source(args)
     size = args.input_size or default_size

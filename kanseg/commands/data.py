@@ -1,7 +1,7 @@
 """``kanseg data synth | check | convert``: thin command-line wrappers over kanseg.data.
 
 ``register(subparsers)`` adds the ``data`` command to kanseg's top-level parser; every handler
-is ``func(args) -> int`` (exit status). ``python -m kanseg.data.cli`` runs it standalone.
+is ``func(args) -> int`` (exit status). ``python -m kanseg.commands.data`` runs it standalone.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from ..schema import ConfigError, from_dict
-from .check import check_dataset
-from .config import LAYOUTS, DataConfig
-from .convert import NNUNET_ENDINGS, convert_to_nifti, convert_to_nnunet
-from .layouts import DataError
-from .synth import write_dataset
+from kanseg.data.check import check_dataset
+from kanseg.data.config import LAYOUTS, DataConfig
+from kanseg.data.convert import NNUNET_ENDINGS, convert_to_nifti, convert_to_nnunet
+from kanseg.data.layouts import DataError
+from kanseg.data.synth import write_dataset
+from kanseg.schema import ConfigError, from_dict
 
 
 def _synth(args: argparse.Namespace) -> int:
