@@ -8,6 +8,12 @@ are recorded per case instead of stopping the evaluation.
 
 Empty masks follow the BraTS convention: both empty -> Dice 1, HD95 0; only one empty ->
 Dice 0, HD95 undefined (NaN, left out of the summary).
+
+Optionally (:class:`LesionRule`), the BraTS 2023+ lesion-wise Dice and HD95 of each label, as
+the challenge's evaluation code defines them: ground-truth lesions are the full-connectivity
+(26 in 3D) components of the mask, merged where their dilations touch; each is matched to the
+predicted components that overlap its dilation; lesions of at most ``min_volume`` are left
+out; predicted components matched to no lesion are false positives (Dice 0, HD95 374).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from typing import Any, Iterable, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_hausdorff_distance
+from scipy import ndimage
 
 from kanseg.data.config import BRATS_LAYOUTS, DataConfig
 from kanseg.data.layouts import BRATS_CLASSES, BRATS_REGIONS, NIFTI_SUFFIXES, label_spec, load_cases
@@ -32,6 +39,8 @@ from kanseg.engine.checkpoint import atomic_write_text
 
 CSV_COLUMNS = ("case", "label", "dice", "hd95", "gt_voxels", "pred_voxels", "status",
                "pred_file", "label_file")
+LESION_COLUMNS = ("lesion_dice", "lesion_hd95", "lesions_gt", "lesions_tp", "lesions_fn",
+                  "lesions_fp")
 OK = "ok"
 
 
@@ -41,6 +50,21 @@ class EvalLabel:
 
     name: str
     values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LesionRule:
+    """BraTS 2023+ lesion-wise scoring; the defaults are BraTS-GLI's (official code)."""
+
+    dilation: int = 3  # iterations of an 18-connected (3D) dilation of each GT lesion
+    min_volume: float = 50.0  # GT lesions of at most this volume (spacing units³) are ignored
+    max_hd95: float = 374.0  # HD95 of a missed lesion or a false-positive component
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dilation, int) or self.dilation < 0:
+            raise ValueError(f"lesion dilation must be an integer >= 0, got {self.dilation!r}")
+        if not self.min_volume >= 0:
+            raise ValueError(f"lesion min_volume must be >= 0, got {self.min_volume!r}")
 
 
 @dataclass
@@ -147,6 +171,86 @@ def mask_metrics(pred: np.ndarray, label: np.ndarray, labels: Sequence[EvalLabel
     return rows
 
 
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Full-connectivity components (26 in 3D, 8 in 2D) of a boolean mask, numbered 1..n."""
+    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+
+
+def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``iterations`` dilations with the 18-connected (3D) cross, as the BraTS code does."""
+    if iterations == 0:  # scipy reads 0 iterations as "until nothing changes"
+        return mask
+    return ndimage.binary_dilation(
+        mask, structure=ndimage.generate_binary_structure(mask.ndim, 2), iterations=iterations)
+
+
+def _grown(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` widened by ``margin`` voxels on every side, clipped to ``shape``."""
+    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin))
+                 for b, n in zip(box, shape))
+
+
+def _union_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """The smallest box holding every box of ``boxes``."""
+    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes))
+                 for i in range(len(boxes[0])))
+
+
+def _hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
+    """MONAI's symmetric 95th-percentile Hausdorff distance of two non-empty boolean masks."""
+    p, g = (torch.from_numpy(m[None, None]).float() for m in (pred, gt))
+    with warnings.catch_warnings():  # MONAI-internal deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        return float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
+                                                spacing=list(spacing)))
+
+
+def gt_lesions(gt: np.ndarray, dilation: int) -> tuple[np.ndarray, int]:
+    """Ground-truth lesions numbered 1..n: components of the mask whose dilations touch are
+    one lesion (components of the dilated mask, restricted to the mask)."""
+    merged, n = _components(_dilate(gt, dilation))
+    return np.where(gt, merged, 0), n
+
+
+def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                   rule: LesionRule) -> dict[str, float | int]:
+    """BraTS 2023+ lesion-wise Dice and HD95 of two boolean masks, with lesion counts.
+
+    Score = sum over kept GT lesions / (kept GT lesions + false-positive components); a
+    missed lesion scores Dice 0 and HD95 ``rule.max_hd95``, as does each false positive.
+    Nothing to score (no kept lesion, no false positive) gives Dice 1 and HD95 0.
+    """
+    lesions, _ = gt_lesions(gt, rule.dilation)
+    pred_cc, n_pred = _components(pred)
+    pred_boxes = ndimage.find_objects(pred_cc)
+    voxel_volume = float(np.prod(spacing))
+    matched_any: set[int] = set()
+    dice, hd, missed = [], [], 0
+    for k, box in enumerate(ndimage.find_objects(lesions), 1):
+        near = _grown(box, rule.dilation, gt.shape)
+        matched = set(np.unique(pred_cc[near][_dilate(lesions[near] == k, rule.dilation)]))
+        matched.discard(0)
+        matched_any |= matched
+        lesion_box = lesions[box] == k
+        if lesion_box.sum() * voxel_volume <= rule.min_volume:
+            continue
+        if not matched:
+            missed += 1
+            dice.append(0.0)
+            hd.append(rule.max_hd95)
+            continue
+        both = _union_box([box] + [pred_boxes[j - 1] for j in matched])
+        lesion, found = lesions[both] == k, np.isin(pred_cc[both], list(matched))
+        dice.append(2.0 * (lesion & found).sum() / (lesion.sum() + found.sum()))
+        hd.append(_hd95(found, lesion, spacing))
+    fp = n_pred - len(matched_any)
+    n = len(dice) + fp
+    return {"lesion_dice": float(sum(dice) / n) if n else 1.0,
+            "lesion_hd95": float((sum(hd) + fp * rule.max_hd95) / n) if n else 0.0,
+            "lesions_gt": len(dice), "lesions_tp": len(dice) - missed, "lesions_fn": missed,
+            "lesions_fp": fp}
+
+
 def _as_labels(img: Any, path: Path) -> np.ndarray:
     data = np.asanyarray(img.dataobj)
     if not np.issubdtype(data.dtype, np.integer):
@@ -174,8 +278,10 @@ def _undeclared_values(arrays: dict[Path, np.ndarray], labels: Sequence[EvalLabe
     return "; ".join(problems) or None
 
 
-def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel]) -> list[dict]:
-    """Rows for one case: one per label, or a single row naming the problem."""
+def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel],
+                  lesion_rule: LesionRule | None = None) -> list[dict]:
+    """Rows for one case: one per label (with lesion-wise metrics under ``lesion_rule``), or
+    a single row naming the problem."""
     base = {"case": pair.case, "pred_file": str(pair.pred or ""),
             "label_file": str(pair.label or "")}
     if pair.pred is None or pair.label is None:
@@ -196,7 +302,12 @@ def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel]) -> list[dict]:
         EvalLabel(str(v), (v,)) for v in sorted((set(np.unique(label)) | set(np.unique(pred)))
                                                  - {0})]
     spacing = [float(z) for z in label_img.header.get_zooms()[: label.ndim]]
-    return [{**base, **r} for r in mask_metrics(pred, label, case_labels, spacing)]
+    rows = [{**base, **r} for r in mask_metrics(pred, label, case_labels, spacing)]
+    if lesion_rule is not None:
+        for row, lb in zip(rows, case_labels):
+            row.update(lesion_metrics(np.isin(pred, lb.values), np.isin(label, lb.values),
+                                      spacing, lesion_rule))
+    return rows
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -209,10 +320,13 @@ def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
-    """Per-label mean/std/median of Dice and HD95, case-level problems and the case ranking."""
+    """Per-label mean/std/median of Dice and HD95 (and lesion-wise Dice / HD95 where rows have
+    them), case-level problems and the case ranking."""
     scored = [r for r in rows if r.get("label")]
     names = list(dict.fromkeys(r["label"] for r in scored))
-    per_label = {n: {m: _stats(r[m] for r in scored if r["label"] == n) for m in ("dice", "hd95")}
+    metrics = [m for m in ("dice", "hd95", "lesion_dice", "lesion_hd95")
+               if any(m in r for r in scored)]
+    per_label = {n: {m: _stats(r[m] for r in scored if r["label"] == n) for m in metrics}
                  for n in names}
     case_dice: dict[str, list[float]] = {}
     for r in scored:
@@ -228,13 +342,14 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     }
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
+def write_csv(rows: Sequence[dict], path: Path,
+              columns: Sequence[str] = CSV_COLUMNS) -> None:
     """``metrics.csv``: one row per case x label (problem rows have an empty label)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in CSV_COLUMNS})
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k, "")) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -281,11 +396,13 @@ def write_plots(rows: Sequence[dict], pairs: dict[str, CasePair], summary: dict,
 
 def evaluate(pred_dir: str | Path, label: str | Path, output: str | Path,
              layout: str | None = None, data_cfg: DataConfig | None = None,
-             plots: bool = True, progress: bool = True) -> dict[str, Any]:
+             plots: bool = True, progress: bool = True,
+             lesion_rule: LesionRule | None = None) -> dict[str, Any]:
     """Score every case and write ``metrics.csv``, ``summary.json`` and PNGs into ``output``.
 
     ``layout`` reads ``label`` as a dataset root of that layout (else a folder of label
-    files); ``data_cfg`` (a run's data section) names the classes / regions to score.
+    files); ``data_cfg`` (a run's data section) names the classes / regions to score;
+    ``lesion_rule`` adds the BraTS lesion-wise metrics (columns :data:`LESION_COLUMNS`).
     Cases are read one at a time. Returns the summary.
     """
     from tqdm.auto import tqdm
@@ -298,9 +415,11 @@ def evaluate(pred_dir: str | Path, label: str | Path, output: str | Path,
     labels = labels_for(data_cfg, layout)
     rows: list[dict] = []
     for pair in tqdm(pairs, desc="evaluate", unit="case", disable=not progress):
-        rows += evaluate_pair(pair, labels)
+        rows += evaluate_pair(pair, labels, lesion_rule)
     summary = summarize(rows)
-    write_csv(rows, output / "metrics.csv")
+    columns = CSV_COLUMNS if lesion_rule is None else CSV_COLUMNS[:4] + LESION_COLUMNS \
+        + CSV_COLUMNS[4:]
+    write_csv(rows, output / "metrics.csv", columns)
     if plots:
         write_plots(rows, {p.case: p for p in pairs}, summary, output)
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from kanseg.cli import main
-from kanseg.evaluation import EvalLabel, evaluate, labels_for, mask_metrics
+from kanseg.evaluation import (EvalLabel, LesionRule, evaluate, labels_for, lesion_metrics,
+                               mask_metrics)
 
 SPACING = (0.8, 1.2, 2.5)
 
@@ -189,3 +191,155 @@ def test_undeclared_label_values_are_problems_and_nothing_scored_exits_1(tmp_pat
         in captured.out
     assert "no case was scored (2 problem(s)" in captured.err
     assert json.loads((out / "summary.json").read_text())["cases_scored"] == 0
+
+
+# ----------------------------------------------------------------------------- lesion-wise
+NEIGHBOURS_26 = [d for d in itertools.product((-1, 0, 1), repeat=3) if any(d)]
+NEIGHBOURS_18 = [d for d in NEIGHBOURS_26 if sum(map(abs, d)) <= 2]
+
+
+def _neighbours(voxel, offsets, shape):
+    for d in offsets:
+        w = tuple(int(a + b) for a, b in zip(voxel, d))
+        if all(0 <= i < n for i, n in zip(w, shape)):
+            yield w
+
+
+def _ref_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components by flood fill, numbered 1..n."""
+    labels, n = np.zeros(mask.shape, int), 0
+    for start in map(tuple, np.argwhere(mask)):
+        if labels[start]:
+            continue
+        n += 1
+        labels[start], stack = n, [start]
+        while stack:
+            for w in _neighbours(stack.pop(), NEIGHBOURS_26, mask.shape):
+                if mask[w] and not labels[w]:
+                    labels[w] = n
+                    stack.append(w)
+    return labels, n
+
+
+def _ref_dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``iterations`` times: add every 18-neighbour of every mask voxel."""
+    for _ in range(iterations):
+        grown = mask.copy()
+        for v in np.argwhere(mask):
+            for w in _neighbours(v, NEIGHBOURS_18, mask.shape):
+                grown[w] = True
+        mask = grown
+    return mask
+
+
+def _ref_lesion_wise(pred, gt, spacing, dilation, min_volume):
+    """The BraTS 2023 definition, one GT lesion and one predicted component at a time."""
+    merged, n_lesions = _ref_components(_ref_dilate(gt, dilation))
+    pred_cc, n_pred = _ref_components(pred)
+    matched_any, dice, hd = set(), [], []
+    for k in range(1, n_lesions + 1):
+        lesion = gt & (merged == k)
+        matched = {int(c) for c in pred_cc[_ref_dilate(lesion, dilation)] if c}
+        matched_any |= matched
+        if lesion.sum() * np.prod(spacing) <= min_volume:
+            continue
+        found = np.isin(pred_cc, list(matched))
+        dice.append(_dice(found, lesion) if matched else 0.0)
+        hd.append(_hd95(found, lesion, spacing) if matched else 374.0)
+    fp = n_pred - len(matched_any)
+    n = len(dice) + fp
+    return (sum(dice) / n, (sum(hd) + 374.0 * fp) / n) if n else (1.0, 0.0)
+
+
+def _blobs(rng, shape, n):
+    """Label map with ``n`` random boxes of random BraTS labels."""
+    out = np.zeros(shape, np.uint8)
+    for _ in range(n):
+        lo = [rng.integers(0, s - 2) for s in shape]
+        hi = [min(s, a + rng.integers(1, 5)) for a, s in zip(lo, shape)]
+        out[tuple(slice(a, b) for a, b in zip(lo, hi))] = rng.choice([1, 2, 4])
+    return out
+
+
+def _cube(shape, corner, size, value=1):
+    out = np.zeros(shape, np.uint8)
+    out[tuple(slice(c, c + size) for c in corner)] = value
+    return out
+
+
+def test_lesion_wise_by_hand():
+    shape, rule, unit = (24, 24, 24), LesionRule(dilation=3, min_volume=50), (1.0, 1.0, 1.0)
+    big = _cube(shape, (2, 2, 2), 4).astype(bool)  # 64 voxels: scored
+    other = _cube(shape, (14, 14, 14), 4).astype(bool)  # 64 voxels, far from `big`
+    tiny = _cube(shape, (2, 18, 2), 2).astype(bool)  # 8 voxels: ignored
+    fp = _cube(shape, (18, 2, 18), 2).astype(bool)
+
+    perfect = lesion_metrics(big, big, unit, rule)
+    assert (perfect["lesion_dice"], perfect["lesion_hd95"]) == (1.0, 0.0)
+    missed_and_fp = lesion_metrics(fp, other, unit, rule)
+    assert (missed_and_fp["lesion_dice"], missed_and_fp["lesion_hd95"]) == (0.0, 374.0)
+    assert missed_and_fp["lesions_fn"] == missed_and_fp["lesions_fp"] == 1
+    mixed = lesion_metrics(big | fp, big | other, unit, rule)  # (1 + 0 + 0) / (2 GT + 1 FP)
+    assert mixed["lesion_dice"] == pytest.approx(1 / 3)
+    assert mixed["lesion_hd95"] == pytest.approx((0 + 374 + 374) / 3)
+    assert mixed["lesions_gt"] == 2 and mixed["lesions_tp"] == 1
+    for pred in (big, big | tiny):  # a tiny GT lesion, missed or found, changes nothing
+        scores = lesion_metrics(pred, big | tiny, unit, rule)
+        assert (scores["lesion_dice"], scores["lesion_hd95"]) == (1.0, 0.0)
+        assert scores["lesions_gt"] == 1 and scores["lesions_fp"] == 0
+    near = _cube(shape, (7, 2, 2), 2).astype(bool)  # 1 voxel gap: inside the dilation
+    scores = lesion_metrics(big | near, big, unit, rule)
+    assert scores["lesions_fp"] == 0 and scores["lesion_dice"] == pytest.approx(128 / 136)
+    empty = np.zeros(shape, bool)
+    assert lesion_metrics(empty, empty, unit, rule)["lesion_dice"] == 1.0
+    assert lesion_metrics(fp, empty, unit, rule)["lesion_hd95"] == 374.0
+    with pytest.raises(ValueError, match="dilation"):
+        LesionRule(dilation=-1)
+
+
+@pytest.mark.parametrize("dilation,min_volume", [(0, 0.0), (1, 5.0), (2, 20.0)])
+def test_lesion_wise_matches_slow_reference_through_cli(tmp_path, dilation, min_volume):
+    pred_dir, label_dir, shape = tmp_path / "pred", tmp_path / "labels", (16, 14, 10)
+    expected = {}
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        gt = _blobs(rng, shape, 7)
+        pred = np.roll(gt, shift=tuple(rng.integers(-1, 2, 3)), axis=(0, 1, 2))
+        pred[rng.random(shape) < 0.05] = 0
+        pred = np.where(pred > 0, pred, _blobs(rng, shape, 3))
+        _save(label_dir / f"c{seed}.nii.gz", gt)
+        _save(pred_dir / f"c{seed}.nii.gz", pred)
+        for v in sorted((set(np.unique(gt)) | set(np.unique(pred))) - {0}):
+            expected[f"c{seed}", str(v)] = _ref_lesion_wise(pred == v, gt == v, SPACING,
+                                                             dilation, min_volume)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(label_dir), "--output",
+                 str(out), "--no-plots", "--lesion-dilation", str(dilation),
+                 "--lesion-min-volume", str(min_volume)]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["case"], r["label"]) for r in rows} == set(expected)
+    for r in rows:
+        dice, hd = expected[r["case"], r["label"]]
+        assert float(r["lesion_dice"]) == pytest.approx(dice, abs=1e-6)
+        assert float(r["lesion_hd95"]) == pytest.approx(hd, abs=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    for name, stats in summary["labels"].items():
+        values = [float(r["lesion_dice"]) for r in rows if r["label"] == name]
+        assert stats["lesion_dice"]["mean"] == pytest.approx(np.mean(values))
+
+
+def test_lesion_wise_brats_regions_and_bad_option(tmp_path, capsys):
+    root, pred_dir = tmp_path / "brats", tmp_path / "pred"
+    gt, pred = _toy_pair(0)
+    cid = "BraTS2021_00000"
+    for mod in ("t1", "t1ce", "t2", "flair", "seg"):
+        _save(root / cid / f"{cid}_{mod}.nii.gz", gt)
+    _save(pred_dir / f"{cid}.nii.gz", pred)
+    summary = evaluate(pred_dir, root, tmp_path / "eval", layout="brats2021", plots=False,
+                       progress=False, lesion_rule=LesionRule())
+    assert {"TC", "WT", "ET"} <= set(summary["labels"])
+    assert all("lesion_hd95" in s for s in summary["labels"].values())
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(root), "--layout",
+                 "brats2021", "--output", str(tmp_path / "e2"), "--lesion-dilation", "-2"]) != 0
+    assert "lesion dilation must be an integer >= 0, got -2" in capsys.readouterr().err
