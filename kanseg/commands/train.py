@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import load_config
     from ..engine.checkpoint import resolve
-    from ..engine.segmentation import default_run_dir, train
+    from ..training import default_run_dir, train
     from ..engine.trainer import process_state
 
     process_state()  # join the process group first (torchrun / accelerate launch)

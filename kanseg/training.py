@@ -6,15 +6,15 @@ import logging
 import time
 from pathlib import Path
 
-from ..config import Config, check_model, save_config
-from ..data import build_loaders, input_channels, label_spec
-from ..data.check import check_dataset
-from ..data.layouts import DataError
-from ..schema import ConfigError
-from .losses import build_loss
-from .rundir import RunDirError, claim_run_dir
-from .trainer import Trainer, TrainState, process_state, seed_everything, setup_logging
-from .validation import SegmentationValidator
+from kanseg.config import Config, check_model, save_config
+from kanseg.data import build_loaders, input_channels, label_spec
+from kanseg.data.check import check_dataset
+from kanseg.data.layouts import DataError
+from kanseg.engine.losses import build_loss
+from kanseg.engine.rundir import RunDirError, claim_run_dir
+from kanseg.engine.trainer import Trainer, TrainState, process_state, seed_everything, setup_logging
+from kanseg.engine.validation import SegmentationValidator
+from kanseg.schema import ConfigError
 
 log = logging.getLogger("kanseg")
 
