@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from kanseg.engine.checkpoint import atomic_write_text
+from kanseg.files import atomic_write_text
 from kanseg.schema import from_dict
 
 from .methods import METHODS

@@ -28,7 +28,7 @@ from kanseg.data.config import DataConfig
 from kanseg.data.layouts import LabelSpec, input_channels, label_spec
 from kanseg.inference import load_run, settings_from_config
 from kanseg.models.export import export_torchscript
-from kanseg.models.io import atomic_write
+from kanseg.files import atomic_write
 
 MODEL = "models/model.ts"
 

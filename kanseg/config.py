@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 from .data.config import DataConfig
-from .engine.checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .engine.config import LossConfig, TrainerConfig
 from .schema import ConfigError, from_dict, to_dict
 

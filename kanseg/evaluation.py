@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from kanseg.data.config import BRATS_LAYOUTS, DataConfig
 from kanseg.data.layouts import BRATS_CLASSES, BRATS_REGIONS, NIFTI_SUFFIXES, label_spec, load_cases
-from kanseg.engine.checkpoint import atomic_write_text
+from kanseg.files import atomic_write_text
 
 CSV_COLUMNS = ("case", "label", "dice", "hd95", "gt_voxels", "pred_voxels", "status",
                "pred_file", "label_file")

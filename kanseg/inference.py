@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -29,7 +27,7 @@ from kanseg.data.layouts import (
 )
 from kanseg.config import InferenceConfig
 from kanseg.engine.checkpoint import WEIGHTS, load_weights
-from kanseg.models.io import atomic_write
+from kanseg.files import atomic_write
 
 CHECKPOINT_DIRS = ("checkpoints/best", "checkpoints/last")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES_2D
@@ -255,17 +253,7 @@ def write_like(array: np.ndarray, reference: str | Path, path: str | Path,
     else:
         img = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
         img.set_data_dtype(array.dtype)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # name the file: a failed write() does not
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
 # ----------------------------------------------------------------------------- driver

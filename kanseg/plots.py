@@ -1,14 +1,12 @@
-"""PNG figures: metric box plots and segmentation overlays (and an atomic PNG writer).
+"""PNG figures: learning curves of a run, metric box plots and segmentation overlays.
 
 All figures are drawn with matplotlib's non-interactive Agg backend and written atomically
 (temporary file, then rename), so a crash never leaves a half-written PNG behind.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -17,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from kanseg.files import atomic_write  # noqa: E402
+
 _COLORS = plt.get_cmap("tab10").colors
 
 
@@ -24,16 +24,11 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` (PNG) atomically and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"),
+                            suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def box_plot(
@@ -109,3 +104,31 @@ def overlay_plot(
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], run_dir: Path) -> list[Path]:
+    """``loss.png``, ``dice.png`` and ``metrics.png`` of a run folder from its per-epoch metric
+    rows (train loss and validation metrics); returns the files written."""
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val_")})
+    groups = {
+        "loss.png": ("loss", [k for k in ["train_loss", *val_keys] if "loss" in k]),
+        "dice.png": ("Dice", [k for k in val_keys if "dice" in k]),
+        "metrics.png": ("metric", [k for k in val_keys if "dice" not in k and "loss" not in k]),
+    }
+    written = []
+    for name, (ylabel, keys) in groups.items():
+        points = {k: [(r["epoch"], r[k]) for r in rows if r.get(k) not in (None, "")]
+                  for k in keys}
+        points = {k: p for k, p in points.items() if p}
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        for key, pts in points.items():
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=key.removeprefix("val_"))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(save_figure(fig, Path(run_dir) / name, dpi=100))
+    return written

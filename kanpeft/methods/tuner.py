@@ -6,8 +6,6 @@ into a plain layer of the original class (:meth:`AdapterLayer.merged_layer`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kanseg.files import atomic_write
 from kanseg.schema import from_dict, to_dict
 
 from .common import (AdapterConfig, freeze_except, kan_layers, norm_module_names,
@@ -100,18 +99,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(model: nn.Module, directory: str | Path) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (small: adapter only)."""
     layers = adapter_layers(model)
@@ -125,9 +112,9 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         "config": to_dict(config),
         "layers": {name or "<root>": layer.signature() for name, layer in layers},
     }
-    _atomic_write(directory / CONFIG_NAME,
+    atomic_write(directory / CONFIG_NAME,
                   lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), p))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), p))
     return directory
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..models.io import atomic_write
+from ..files import atomic_write
 from .config import BRATS_LAYOUTS, DataConfig
 from .layouts import (
     BRATS_MODALITIES, NIFTI_SUFFIXES, DataError, LabelSpec, label_spec, load_cases,
@@ -24,8 +24,9 @@ if TYPE_CHECKING:  # SimpleITK is imported when a conversion runs, not with kans
     import SimpleITK as sitk
 
 
-def read_dicom_series(folder: str | Path, series_id: str | None = None) -> sitk.Image:
-    """Read one DICOM series from ``folder`` (the only one, or the one named ``series_id``)."""
+def dicom_series_files(folder: str | Path, series_id: str | None = None) -> list[str]:
+    """The files of one DICOM series in ``folder`` (the only one, or the one named
+    ``series_id``), in the slice order SimpleITK stacks them in."""
     import SimpleITK as sitk
 
     folder = str(folder)
@@ -37,9 +38,15 @@ def read_dicom_series(folder: str | Path, series_id: str | None = None) -> sitk.
                         f"--series: {', '.join(ids)}")
     if series_id is not None and series_id not in ids:
         raise DataError(f"DICOM series {series_id!r} is not in {folder}; found {', '.join(ids)}")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_id or ids[0])
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_id or ids[0]))
+
+
+def read_dicom_series(folder: str | Path, series_id: str | None = None) -> sitk.Image:
+    """Read one DICOM series from ``folder`` (the only one, or the one named ``series_id``)."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(dicom_series_files(folder, series_id))
     return reader.Execute()
 
 

@@ -29,23 +29,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from kanseg.files import atomic_write_text
 from kanseg.models.io import UnsafeFileError, load_state  # noqa: F401  (part of this API)
 
 WEIGHTS = "model.safetensors"
 TRAIN_WEIGHTS = "train_model.safetensors"
 META = "meta.json"
 STATE = "training_state.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:

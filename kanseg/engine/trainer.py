@@ -25,9 +25,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kanseg.files import atomic_write_text
+from kanseg.plots import plot_curves
+
 from . import checkpoint as ckpt
 from .config import TrainerConfig
-from .curves import plot_curves
 from .optimizers import Lion
 from .sampling import make_resumable
 from .schedules import build_scheduler
@@ -470,7 +472,7 @@ class Trainer:
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(self.rows)
-        ckpt.atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
         plot_curves(self.rows, self.run_dir)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .io import atomic_write
+from kanseg.files import atomic_write
 
 FORMATS = ("onnx", "torchscript")
 

@@ -5,33 +5,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
 
+from kanseg.files import atomic_write
+
 from .registry import create_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-
-
-def atomic_write(target: Path, write: Callable[[str], Any], suffix: str = "") -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``target``, then rename it into place.
-
-    ``suffix`` ends the temp name, for writers that pick the format by extension."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: nn.Module, folder: str | os.PathLike) -> Path:

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from kanseg.layers import KANBottleneckConv, KANConv
 
-from .io import atomic_write, load_state
+from kanseg.files import atomic_write
+
+from .io import load_state
 from .registry import create_model
 from .vgg import VGG_TYPES, VGGKAN
 
