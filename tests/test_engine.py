@@ -171,3 +171,22 @@ def test_nan_guard_stops_after_consecutive_failures(tmp_path):
     trainer = _nan_trainer(tmp_path, x, nan_max_consecutive=3)
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
         trainer.fit()
+
+
+def test_resolve_policy_best_for_prediction_last_for_resume(tmp_path):
+    """One resolver, an explicit policy: ``last`` to resume, ``best`` (else last) to predict."""
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("epoch-0001", "epoch-0002"):
+        (root / name).mkdir(parents=True)
+        (root / name / ckpt.WEIGHTS).write_bytes(b"")
+    (root / "last").symlink_to("epoch-0002")
+    run = tmp_path / "run"
+    assert ckpt.resolve(run, prefer="best") == (root / "epoch-0002").resolve()  # no best yet
+    (root / "best").symlink_to("epoch-0001")
+    assert ckpt.resolve(run) == (root / "epoch-0002").resolve()
+    assert ckpt.resolve(run, prefer="best") == (root / "epoch-0001").resolve()
+    assert ckpt.resolve(root / "epoch-0001") == (root / "epoch-0001").resolve()
+    with pytest.raises(ValueError, match="prefer"):
+        ckpt.resolve(run, prefer="first")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ckpt.resolve(tmp_path)

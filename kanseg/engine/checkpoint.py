@@ -139,12 +139,19 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resolve(path: str | Path) -> Path:
-    """Checkpoint folder from a run folder, a ``checkpoints`` folder or a checkpoint folder."""
+def resolve(path: str | Path, prefer: str = "last") -> Path:
+    """Checkpoint folder from a run folder, a ``checkpoints`` folder or a checkpoint folder.
+
+    ``prefer`` is the policy for a run: ``"last"`` (resuming) or ``"best"`` (predicting; the
+    last checkpoint when the run has no best one yet)."""
+    if prefer not in ("last", "best"):
+        raise ValueError(f"prefer must be 'last' or 'best', got {prefer!r}")
     path = Path(path)
-    for candidate in (path, path / "last", path / "checkpoints" / "last"):
+    aliases = ("best", "last") if prefer == "best" else ("last",)
+    candidates = [path, *(path / a for a in aliases), *(path / "checkpoints" / a for a in aliases)]
+    for candidate in candidates:
         if (candidate / WEIGHTS).is_file():
             return candidate.resolve()
     raise FileNotFoundError(
-        f"no checkpoint at {path}: expected a run folder (with checkpoints/last), a checkpoints "
-        f"folder or a checkpoint folder holding {WEIGHTS}")
+        f"no checkpoint at {path}: expected a run folder (with checkpoints/{aliases[0]}), a "
+        f"checkpoints folder or a checkpoint folder holding {WEIGHTS}")
