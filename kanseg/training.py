@@ -6,14 +6,19 @@ import logging
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
+from torch import nn
+
 from kanseg.config import Config, check_model, save_config
 from kanseg.data import build_loaders, input_channels, label_spec
 from kanseg.data.check import check_dataset
 from kanseg.data.layouts import DataError
+from kanseg.engine.checkpoint import WEIGHTS, load_weights, resolve
 from kanseg.engine.losses import build_loss
 from kanseg.engine.rundir import RunDirError, claim_run_dir
 from kanseg.engine.trainer import Trainer, TrainState, process_state, seed_everything, setup_logging
 from kanseg.engine.validation import SegmentationValidator
+from kanseg.models.io import InitReport, load_matching
 from kanseg.schema import ConfigError
 
 log = logging.getLogger("kanseg")
@@ -86,11 +91,30 @@ def _train(cfg: Config, run_dir: Path, resume: str | Path | None, check: bool) -
     inf = cfg.inference
     validator = SegmentationValidator(val_loader, names, spec.activation, cfg.roi_size,
                                       inf.sw_batch_size, inf.overlap, inf.mode, inf.threshold)
+    if cfg.trainer.init_from and resume is None:
+        initialise(model, cfg.trainer.init_from, cfg.trainer.init_strict)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("run folder %s: %s (%.2f M parameters), %d train / %d val cases", run_dir,
              cfg.model.name, n_params / 1e6, len(train_loader.dataset), len(val_loader.dataset))
     trainer = Trainer(model, loss, train_loader, cfg.trainer, run_dir, validate=validator)
     return trainer.fit(resume=resume)
+
+
+def initialise(model: nn.Module, source: str | Path, strict: bool = False) -> InitReport:
+    """Load the matching tensors of ``source`` (a run folder: its best checkpoint, else its last;
+    a checkpoint folder; or a safetensors file) into ``model`` and log what was not loaded."""
+    path = Path(source).expanduser()
+    try:
+        weights = path if path.is_file() else resolve(path, prefer="best") / WEIGHTS
+        state = load_weights(weights)
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"trainer.init_from: cannot read weights from {source}: {err}") from None
+    try:
+        report = load_matching(model, state, strict)
+    except ValueError as err:
+        raise ConfigError(f"trainer.init_from ({weights}): {err}") from None
+    log.info("initialised from %s: %s", weights, report.summary())
+    return report
 
 
 def _is_main() -> bool:

@@ -102,3 +102,11 @@ def test_roi_defaults_to_patch_size(tmp_path):
     path = _write(tmp_path, "data: {patch_size: [32, 48, 40]}\nloss: {name: dice_bce}\n"
                             "model: {name: ukanet, spatial_dims: 3, width: 2, depth: 1}\n")
     assert load_config(path).roi_size == [32, 48, 40]
+
+
+def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path, demo):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; float keys take it as the number."""
+    text = demo.read_text().replace("weight_decay: 0.00001", "weight_decay: 1e-4")
+    assert "weight_decay: 1e-4" in text
+    cfg = load_config(_write(tmp_path, text), ["trainer.lr=3e-4"])
+    assert cfg.trainer.lr == 3e-4 and cfg.trainer.weight_decay == 1e-4

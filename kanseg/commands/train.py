@@ -12,6 +12,7 @@ examples:
   kanseg train --config configs/demo3d.yaml --run-dir runs/demo      # fixed run folder
   kanseg train --run-dir runs/demo --resume                            # continue exactly
   kanseg train --config configs/demo3d.yaml --run-dir runs/demo --overwrite  # old run aside
+  kanseg train --config configs/msd_hippocampus.yaml --init-from runs/demo  # transfer weights
   accelerate launch --num_processes 4 -m kanseg.cli train --config configs/brats3d.yaml  # 4 GPUs
   torchrun --nproc_per_node 2 -m kanseg.cli train --config configs/demo3d.yaml    # 2 CPU procs
 
@@ -41,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="move a previous run in --run-dir aside (to <run-dir>.replaced-<time>) "
                         "and start afresh; without it, a folder holding a run is refused")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="initialise the network from PATH (run folder: its best checkpoint; "
+                        "checkpoint folder; or model.safetensors): every tensor whose name and "
+                        "shape match is loaded, the others (e.g. a head with other classes) are "
+                        "re-initialised and listed in train.log; same as trainer.init_from. "
+                        "--set trainer.init_strict=true makes any difference an error")
     p.add_argument("--no-check", action="store_true", help="skip the dataset check")
     p.set_defaults(func=run)
 
@@ -70,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--config is required (or --resume with a run folder that holds "
                              "config.yaml)")
         config = Path(run_dir) / "config.yaml"
-    cfg = load_config(config, args.overrides)
+    overrides = list(args.overrides)
+    if args.init_from is not None:  # the run's config.yaml records where it started from
+        overrides.append(f"trainer.init_from={Path(args.init_from).expanduser().resolve()}")
+    cfg = load_config(config, overrides)
     if run_dir is None:  # every process must agree on the timestamped folder
         run_dir = broadcast_object_list([default_run_dir(config)])[0]
     state = train(cfg, run_dir, resume=resume, check=not args.no_check,

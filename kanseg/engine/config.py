@@ -12,6 +12,9 @@ class TrainerConfig:
     ``compile: true`` runs the training forward through ``torch.compile`` (inductor); validation
     and checkpoints use the plain module. Where compilation cannot run (no C++ compiler on CPU,
     no Triton on GPU) the trainer logs a warning and trains eagerly.
+    ``init_from``: a run folder (its best checkpoint), checkpoint folder or safetensors file
+    whose matching tensors initialise the model (transfer); the others are reported, and
+    ``init_strict: true`` makes any difference an error. Ignored when resuming.
     """
 
     max_epochs: int = 100
@@ -31,6 +34,8 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False
+    init_from: Optional[str] = None
+    init_strict: bool = False
     val_every: int = 1
     ckpt_every_steps: Optional[int] = None
     keep_last: int = 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 import os
 import pickle
 from pathlib import Path
@@ -73,6 +74,49 @@ def load_model(folder: str | os.PathLike) -> nn.Module:
 
 
 
+@dataclass
+class InitReport:
+    """What :func:`load_matching` did: tensors loaded, and those left at their initial values."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the source
+    unexpected: list[str] = field(default_factory=list)  # in the source, not in the model
+    mismatched: list[str] = field(default_factory=list)  # "name: source shape -> model shape"
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for label, names in (("re-initialised (shape differs)", self.mismatched),
+                             ("not in the source, kept at initialisation", self.missing),
+                             ("in the source but not in the model, skipped", self.unexpected)):
+            if names:
+                lines.append(f"{label}: {', '.join(names)}")
+        return "; ".join(lines)
+
+
+def load_matching(model: nn.Module, state: dict[str, Any], strict: bool = False) -> InitReport:
+    """Copy every tensor of ``state`` whose name and shape match ``model``'s; the others (for
+    example a head with another number of classes) keep their initial values and are reported.
+    ``strict=True`` makes any difference a ValueError listing it, and loads nothing."""
+    own = model.state_dict()
+    report = InitReport()
+    for name, value in state.items():
+        if name not in own:
+            report.unexpected.append(name)
+        elif tuple(value.shape) != tuple(own[name].shape):
+            report.mismatched.append(f"{name}: {tuple(value.shape)} -> {tuple(own[name].shape)}")
+        else:
+            report.loaded.append(name)
+    report.missing = [name for name in own if name not in state]
+    if strict and not report.complete:
+        raise ValueError(f"the initial weights do not match the model: {report.summary()}")
+    model.load_state_dict({name: state[name] for name in report.loaded}, strict=False)
+    return report
+
+
 class UnsafeFileError(ValueError):
     """A state file holds pickled objects beyond tensors and plain containers; not loaded."""
 
@@ -89,5 +133,5 @@ def load_state(path: Path) -> Any:
             f"{reason[-1] if reason else 'unpickling refused'}") from err
 
 
-__all__ = ["CONFIG", "WEIGHTS", "UnsafeFileError", "atomic_write", "load_model", "load_state",
-           "save_model"]
+__all__ = ["CONFIG", "WEIGHTS", "InitReport", "UnsafeFileError", "atomic_write", "load_matching",
+           "load_model", "load_state", "save_model"]
