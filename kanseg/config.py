@@ -49,8 +49,9 @@ class InferenceConfig:
     save_probabilities: bool = False
     threshold: float = 0.5
     device: str = "auto"
-    # label maps: "auto" -> <id>.png (H x W) for PNG/JPEG/TIFF/BMP inputs, <id>.nii.gz otherwise
-    output_format: Literal["auto", "nifti", "png"] = "auto"
+    # label maps: "auto" -> <id>.png (H x W) for PNG/JPEG/TIFF/BMP inputs, <id>.nii.gz
+    # otherwise, plus <id>.seg.dcm (DICOM-SEG) for DICOM series inputs
+    output_format: Literal["auto", "nifti", "png", "dicom-seg"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

@@ -26,6 +26,7 @@ from kanseg.data.layouts import (
     load_cases, test_cases,
 )
 from kanseg.config import InferenceConfig
+from kanseg.dicom_seg import SEG_SUFFIX, is_dicom_series, segment_labels, write_dicom_seg
 from kanseg.engine.checkpoint import WEIGHTS, load_weights, resolve
 from kanseg.files import atomic_write
 
@@ -205,8 +206,10 @@ def case_id(path: str | Path) -> str:
 
 def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None) -> list[dict]:
     """Cases ``{"id", "image"}`` to predict from a file, a BraTS case folder, a folder of image
-    files, or (with ``layout``) a dataset root in that layout (every case it lists). A case's
-    missing files are reported when it is predicted, so that the other cases still are."""
+    files, a DICOM series folder (also ``"dicom"``: convert it with
+    :func:`kanseg.dicom_seg.dicom_as_nifti`), or (with ``layout``) a dataset root in that
+    layout (every case it lists). A case's missing files are reported when it is predicted,
+    so that the other cases still are."""
     path = Path(path).expanduser()
     if path.is_file():
         return [{"id": case_id(path), "image": str(path.resolve())}]
@@ -225,10 +228,12 @@ def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None)
     else:
         cases = [{"id": case_id(f), "image": str(f.resolve())} for f in sorted(path.iterdir())
                  if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
+        if not cases and is_dicom_series(path):
+            cases = [{"id": path.name, "image": str(path.resolve()), "dicom": str(path.resolve())}]
     if not cases:
         raise InferenceError(f"input folder {path} holds no cases"
                              + (f" of layout {layout!r}" if layout else ""))
-    return [{"id": c["id"], "image": c["image"]} for c in cases]
+    return [{k: c[k] for k in ("id", "image", "dicom") if k in c} for c in cases]
 
 
 def _first_file(image: str | list[str]) -> str:
@@ -357,6 +362,10 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
     predictor = Predictor(model, spec, settings, progress=progress and len(cases) == 1)
     output = Path(output)
     check_output(output, cases, overwrite, settings.output_format)
+    not_dicom = [c["id"] for c in cases if "dicom" not in c]
+    if settings.output_format == "dicom-seg" and not_dicom:
+        raise InferenceError(f"--format dicom-seg needs DICOM series folders as input; not "
+                             f"DICOM: {', '.join(not_dicom)}")
     written, failures = [], []
     for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
         try:
@@ -370,6 +379,10 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
         name = prediction_file(case, settings.output_format)
         written.append(write_png(labels, output / name) if name.endswith(".png")
                        else write_like(labels, reference, output / name, affine))
+        if "dicom" in case and settings.output_format in ("auto", "dicom-seg"):
+            written.append(write_dicom_seg(labels, case["dicom"],
+                                           output / f"{case['id']}{SEG_SUFFIX}",
+                                           segment_labels(cfg.data), f"kanseg {cfg.model.name}"))
         if settings.save_probabilities:
             channels_last = np.moveaxis(probs.numpy().astype(np.float32), 0, -1)
             write_like(channels_last, reference,

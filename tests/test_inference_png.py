@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import torch
 from PIL import Image
 
 from kanseg.cli import main
-from kanseg.config import config_from_dict, save_config
-from kanseg.engine.checkpoint import save_weights
 
 H, W = 20, 28
 
 
-def test_png_in_png_out(tmp_path):
+def test_png_in_png_out(tmp_path, saved_run):
     images = tmp_path / "data" / "images"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -22,7 +19,7 @@ def test_png_in_png_out(tmp_path):
         pixels = (rng.random((H, W)) * 255).astype(np.uint8)
         pixels[4:12, 6:20] = 255  # a bright block, not symmetric under transposition
         Image.fromarray(pixels).save(images / f"{name}.png")
-    cfg = config_from_dict({
+    run = saved_run({
         "data": {"root": str(tmp_path / "data"), "layout": "folder2d", "spatial_dims": 2,
                  "patch_size": [16, 16], "labels": ["background", "lesion"],
                  "label_values": [0, 7], "intensity": "none", "orientation": None},
@@ -30,11 +27,6 @@ def test_png_in_png_out(tmp_path):
                   "depth": 1, "width": 4},
         "loss": {"name": "dice_ce"},
     })
-    run = tmp_path / "run"
-    (run / "checkpoints" / "best").mkdir(parents=True)
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    save_weights(cfg.model.build().state_dict(), run / "checkpoints/best/model.safetensors")
 
     assert main(["infer", "--checkpoint", str(run), "--input", str(images),
                  "--output", str(tmp_path / "png")]) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 from ..data.config import LAYOUTS
@@ -11,6 +12,7 @@ examples:
   kanseg infer --checkpoint runs/demo --input scan.nii.gz --output pred/
   kanseg infer --checkpoint runs/demo --input BraTS2021_00000/ --output pred/ --tta
   kanseg infer --checkpoint runs/demo --input demo_data/synth --layout brats2021 --output pred/
+  kanseg infer --checkpoint runs/ct --input ct_series/ --output pred/ --format dicom-seg
   kanseg infer --checkpoint runs/demo/checkpoints/last/model.safetensors --input imgs/ \\
                --output pred/ --roi-size 96 96 96 --overlap 0.25 --save-probabilities
 
@@ -20,7 +22,10 @@ image file, one BraTS case folder, a folder of image files, or a dataset root wi
 Writes OUTPUT/<case id>.nii.gz: an integer label map (raw dataset labels, e.g. BraTS
 {0,1,2,4}) with the input's shape, affine and header, so it overlays the input in 3D Slicer
 or ITK-SNAP; PNG/JPEG/TIFF/BMP inputs get OUTPUT/<name>.png masks of the input's height x
-width instead (--format nifti keeps NIfTI). --save-probabilities adds
+width instead (--format nifti keeps NIfTI). A folder holding one DICOM series is a case too:
+it is converted with SimpleITK and gets OUTPUT/<folder name>.nii.gz plus a DICOM-SEG
+OUTPUT/<folder name>.seg.dcm referencing the source series (--format auto or dicom-seg;
+segments named from the config). --save-probabilities adds
 OUTPUT/probabilities/<case id>.nii.gz (channels last).
 Sliding-window settings default to the run config's `inference` section. Inputs are checked
 as `kanseg data check` does (unreadable files, NaN/Inf voxels...); a bad case is reported and
@@ -56,9 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="sigmoid threshold for regions (0.5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace predictions that OUTPUT already holds (refused without it)")
-    p.add_argument("--format", dest="output_format", choices=("auto", "nifti", "png"),
+    p.add_argument("--format", dest="output_format",
+                   choices=("auto", "nifti", "png", "dicom-seg"),
                    help="label maps: auto (default) writes <id>.png (H x W, label values) "
-                        "for PNG/JPEG/TIFF/BMP inputs and <id>.nii.gz otherwise")
+                        "for PNG/JPEG/TIFF/BMP inputs, <id>.nii.gz otherwise, and also "
+                        "<id>.seg.dcm for a DICOM series folder; dicom-seg insists on DICOM")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... or auto (default from config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the run config (repeatable)")
@@ -66,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..dicom_seg import dicom_as_nifti
     from ..inference import list_input_cases, load_run, run_inference, settings_from_config
 
     cfg, model = load_run(args.checkpoint, args.config, args.overrides)
@@ -74,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size, tta_flips=args.tta,
         save_probabilities=args.save_probabilities, threshold=args.threshold,
         device=args.device, output_format=args.output_format)
-    cases = list_input_cases(args.input, cfg.data, args.layout)
-    written = run_inference(cfg, model, cases, args.output, settings, overwrite=args.overwrite)
+    with tempfile.TemporaryDirectory(prefix="kanseg-dicom-") as work:  # converted DICOM input
+        cases = [dicom_as_nifti(c, Path(work)) for c in
+                 list_input_cases(args.input, cfg.data, args.layout)]
+        written = run_inference(cfg, model, cases, args.output, settings,
+                                overwrite=args.overwrite)
     print(f"wrote {len(written)} prediction(s) to {args.output}"
           + (f" (probabilities in {args.output / 'probabilities'})"
              if settings.save_probabilities else ""))

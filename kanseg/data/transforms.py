@@ -14,6 +14,7 @@ get ``"pred"`` back on the input's grid and affine, then e.g. ``SaveImaged``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Hashable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -137,7 +138,9 @@ def preprocessing(cfg: DataConfig, keys: Sequence[str] = ("image", "label")) -> 
     keys = list(keys)
     n_keys = len(keys)
     interp = ["bilinear"] + ["nearest"] * (n_keys - 1)
-    steps = _loaders(cfg, keys)
+    with warnings.catch_warnings():  # with pydicom (for DICOM-SEG) installed, MONAI's
+        warnings.filterwarnings("ignore", "NvImgCodecPydicomReader")  # loaders warn: no GPU codec
+        steps = _loaders(cfg, keys)
     if "label" in keys:
         steps += _label_transforms(cfg)
     if cfg.orientation:
