@@ -220,3 +220,18 @@ def test_groups_reach_the_kan_convs(name, dims, kwargs):
     assert grouped.eval()(x).shape[:2] == (1, 2)
     with pytest.raises(ValueError, match="groups"):
         create_model(name, groups=0, **args, **kwargs)
+
+
+@pytest.mark.parametrize("head_type", ["KAN", "HiddenKAN"])
+def test_vgg_kan_heads(head_type):
+    """torch-conv-kan's KAN heads: a KAN linear layer of the network's family on the pooled
+    features (HiddenKAN: to 512, then a linear layer)."""
+    from kanseg.layers import KANLinear
+
+    model = create_model("vgg_kan", in_channels=1, num_classes=5, family="kacn", degree=2,
+                         head_type=head_type, expected_feature_shape=(1, 1), width_scale=1,
+                         vgg_type="VGG11v2").eval()
+    heads = [m for m in model.classifier.modules() if isinstance(m, KANLinear)]
+    assert len(heads) == 1 and heads[0].layer.basis.family == "kacn"
+    assert heads[0].out_features == (5 if head_type == "KAN" else 512)
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 5)

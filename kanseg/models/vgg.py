@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from kanseg.layers import KANLinear
+
 from .blocks import ConvFactory, check_bottom_size
 from .registry import register_model
 
@@ -15,7 +17,7 @@ _CONVS_PER_STAGE = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3
                     19: (2, 2, 4, 4, 4)}
 _STAGE_WIDTHS = (16, 32, 64, 128, 128)
 _EXTRA_STAGE = {"": (), "v2": (128, 128), "v3": (128, 256), "v4": (256, 256)}
-HEAD_TYPES = ("Linear", "VGG", None)
+HEAD_TYPES = ("Linear", "VGG", "KAN", "HiddenKAN", None)
 
 
 def vgg_layout(vgg_type: str) -> list[int | str]:
@@ -44,7 +46,9 @@ class VGGKAN(nn.Module):
     entry of the layout), so its checkpoints map one to one (:mod:`.torch_conv_kan`).
     ``forward_features`` returns one feature map per stage (the map before each max-pool and
     the final one). The head pools to ``expected_feature_shape`` and applies ``head_type``:
-    "Linear" (dropout + linear), "VGG" (3-layer MLP) or None (``forward`` returns features).
+    "Linear" (dropout + linear), "VGG" (3-layer MLP), "KAN" (one KAN linear layer of the
+    network's family), "HiddenKAN" (KAN linear to 512, dropout, linear), as torch-conv-kan's
+    heads, or None (``forward`` returns features).
     ``groups`` applies to every conv but the first, as in torch-conv-kan.
     """
 
@@ -97,6 +101,13 @@ class VGGKAN(nn.Module):
         elif head_type == "Linear":
             self.classifier = nn.Sequential(nn.Dropout(dropout_linear),
                                             nn.Linear(flat, num_classes))
+        elif head_type == "KAN":
+            self.classifier = nn.Sequential(nn.Dropout(dropout_linear),
+                                            KANLinear(family, flat, num_classes, **family_options))
+        elif head_type == "HiddenKAN":
+            self.classifier = nn.Sequential(
+                nn.Dropout(dropout_linear), KANLinear(family, flat, 512, **family_options),
+                nn.Dropout(dropout_linear), nn.Linear(512, num_classes))
         else:
             self.classifier = nn.Sequential(
                 nn.Linear(flat, 1024), nn.ReLU(True), nn.Dropout(dropout_linear),
