@@ -123,3 +123,17 @@ def test_unequal_group_slopes_are_refused(tck):
         ref.prelus[1].weight.fill_(0.5)
     with pytest.raises(ValueError, match="PReLU slopes differ"):
         convert_torch_conv_kan(ref)
+
+
+@pytest.mark.parametrize("cls_name", ["KAGN", "KALN", "KACN", "KAJN", "KAN"])
+def test_kan_networks_convert(tck, cls_name):
+    """torch-conv-kan's KAN MLPs (dropout between layers, L1 wrappers) layer by layer."""
+    torch.manual_seed(0)
+    kwargs = {"dropout": 0.1, "l1_decay": 0.01} if cls_name == "KAGN" else {}
+    ref = getattr(tck[1], cls_name)([6, 8, 4], **kwargs)
+    _randomise(ref)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref).eval()
+    assert sum(isinstance(m, KANLinear) for m in ours.modules()) == 2
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)

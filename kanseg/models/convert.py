@@ -4,11 +4,12 @@ with the same weights (eval-mode outputs match; see ``tests/test_models_convert.
 Covered: the KAN convolutions of ``kan_convs/`` for KAGN (plain and bottleneck), KALN, KAJN,
 KACN (1D/2D/3D, groups, instance or batch norm, affine or not), FastKAN (its default input
 norm), KAN B-splines (equal per-group PReLUs) and ReLU-KAN; the ``kans/`` linear layers
-GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer. Anything else is refused
-with the list of what is covered. Deliberate exceptions: KABN (torch-conv-kan's basis is all
-ones; ours is the Bernstein basis it intends) and WavKAN (one scale and shift per input-output
-pair there, a bank per input channel here). Not yet covered: attention, focal-modulation and
-MoE layers, and whole models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
+GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer, and the networks built from
+them (KAGN, KALN, KACN, KAJN, KAN). Anything else is refused with the list of what is
+covered. Deliberate exceptions: KABN (torch-conv-kan's basis is all ones; ours is the
+Bernstein basis it intends) and WavKAN (one scale and shift per input-output pair there, a
+bank per input channel here). Not yet covered: attention, focal-modulation and MoE layers,
+and whole conv models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
 """
@@ -212,12 +213,25 @@ def _convert_linear(module: nn.Module, spec: _LinearSpec) -> KANLinear:
     return ours
 
 
+def _convert_mlp(module: nn.Module) -> nn.Sequential:
+    """A ``kans/`` network (KAGN, KALN, KACN, KAJN, KAN): its layers converted one by one,
+    dropouts kept, L1 wrappers unwrapped (they only act on gradients)."""
+    parts: list[nn.Module] = []
+    for layer in module.layers:
+        if isinstance(layer, nn.Dropout):
+            parts.append(nn.Dropout(layer.p))
+        else:
+            parts.append(convert_torch_conv_kan(getattr(layer, "module", layer)))
+    return nn.Sequential(*parts)
+
+
 _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **{cls: (lambda m, f=family: _convert_polynomial(m, f)) for cls, family in _CONV_FAMILIES.items()},
     "FastKANConvNDLayer": _convert_fastkan,
     "KANConvNDLayer": _convert_bspline,
     "ReLUConvNDLayer": _convert_relukan,
     **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
+    **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN")},
 }
 
 
