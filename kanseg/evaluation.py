@@ -30,15 +30,20 @@ from typing import Any, Iterable, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_hausdorff_distance
+from monai.metrics import (DiceMetric, HausdorffDistanceMetric, compute_confusion_matrix_metric,
+                           compute_hausdorff_distance, get_confusion_matrix)
 from scipy import ndimage
 
 from kanseg.data.config import BRATS_LAYOUTS, DataConfig
 from kanseg.data.layouts import BRATS_CLASSES, BRATS_REGIONS, NIFTI_SUFFIXES, label_spec, load_cases
 from kanseg.files import atomic_write_text
 
-CSV_COLUMNS = ("case", "label", "dice", "hd95", "gt_voxels", "pred_voxels", "status",
-               "pred_file", "label_file")
+#: overlap metrics from MONAI's confusion matrix, next to Dice and HD95 (None where undefined:
+#: precision without a prediction, recall without ground truth)
+CONFUSION_METRICS = {"iou": "threat score", "precision": "precision", "recall": "recall",
+                     "specificity": "specificity"}
+CSV_COLUMNS = ("case", "label", "dice", "hd95", *CONFUSION_METRICS, "gt_voxels", "pred_voxels",
+               "status", "pred_file", "label_file")
 LESION_COLUMNS = ("lesion_dice", "lesion_hd95", "lesions_gt", "lesions_tp", "lesions_fn",
                   "lesions_fp")
 OK = "ok"
@@ -145,7 +150,8 @@ def pair_cases(pred_dir: str | Path, label: str | Path, layout: str | None = Non
 # ----------------------------------------------------------------------------- metrics
 def mask_metrics(pred: np.ndarray, label: np.ndarray, labels: Sequence[EvalLabel],
                  spacing: Sequence[float]) -> list[dict[str, Any]]:
-    """Dice and HD95 (in the units of ``spacing``) of each label's mask in two label maps."""
+    """Dice, HD95 (in the units of ``spacing``), IoU, precision, recall and specificity of each
+    label's mask in two label maps."""
     if not labels:
         return []
     p = np.stack([np.isin(pred, lb.values) for lb in labels])[None]
@@ -160,14 +166,23 @@ def mask_metrics(pred: np.ndarray, label: np.ndarray, labels: Sequence[EvalLabel
         with warnings.catch_warnings():  # MONAI-internal deprecation notice
             warnings.simplefilter("ignore", FutureWarning)
             hd[both] = metric(p_t[:, both], g_t[:, both], spacing=list(spacing))[0].numpy()
+    confusion = get_confusion_matrix(p_t, g_t, include_background=True)
+    overlap = {name: compute_confusion_matrix_metric(metric, confusion)[0].numpy()
+               for name, metric in CONFUSION_METRICS.items()}
     rows = []
     for i, lb in enumerate(labels):
         n_gt, n_pred = int(g[0, i].sum()), int(p[0, i].sum())
         hd95 = 0.0 if n_gt == 0 and n_pred == 0 else float(hd[i])
         status = OK if n_gt and n_pred or not (n_gt or n_pred) else \
             ("empty prediction" if n_gt else "empty ground truth")
-        rows.append({"label": lb.name, "dice": float(dice[0, i]), "hd95": hd95,
-                     "gt_voxels": n_gt, "pred_voxels": n_pred, "status": status})
+        row = {"label": lb.name, "dice": float(dice[0, i]), "hd95": hd95,
+               "gt_voxels": n_gt, "pred_voxels": n_pred, "status": status}
+        for name, values in overlap.items():
+            value = float(values[i])
+            row[name] = value if math.isfinite(value) else None
+        if n_gt == 0 and n_pred == 0:
+            row["iou"] = 1.0  # both empty: a perfect match, as Dice counts it
+        rows.append(row)
     return rows
 
 
@@ -320,11 +335,11 @@ def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
-    """Per-label mean/std/median of Dice and HD95 (and lesion-wise Dice / HD95 where rows have
-    them), case-level problems and the case ranking."""
+    """Per-label mean/std/median of Dice, HD95, IoU, precision, recall and specificity (and
+    lesion-wise Dice / HD95 where rows have them), case-level problems and the case ranking."""
     scored = [r for r in rows if r.get("label")]
     names = list(dict.fromkeys(r["label"] for r in scored))
-    metrics = [m for m in ("dice", "hd95", "lesion_dice", "lesion_hd95")
+    metrics = [m for m in ("dice", "hd95", *CONFUSION_METRICS, "lesion_dice", "lesion_hd95")
                if any(m in r for r in scored)]
     per_label = {n: {m: _stats(r[m] for r in scored if r["label"] == n) for m in metrics}
                  for n in names}

@@ -79,6 +79,12 @@ def test_dice_and_hd95_match_brute_force_on_toy_masks():
         assert row["hd95"] == pytest.approx(_hd95(a, b, np.array(SPACING)), rel=1e-5)
         assert (row["gt_voxels"], row["pred_voxels"]) == (b.sum(), a.sum())
         assert 0 < row["dice"] < 1 and row["hd95"] > 0
+        tp, fp = (a & b).sum(), (a & ~b).sum()
+        fn, tn = (~a & b).sum(), (~a & ~b).sum()
+        assert row["iou"] == pytest.approx(tp / (tp + fp + fn), abs=1e-6)
+        assert row["precision"] == pytest.approx(tp / (tp + fp), abs=1e-6)
+        assert row["recall"] == pytest.approx(tp / (tp + fn), abs=1e-6)
+        assert row["specificity"] == pytest.approx(tn / (tn + fp), abs=1e-6)
 
 
 def test_brats_regions_and_empty_mask_conventions():
@@ -93,12 +99,13 @@ def test_brats_regions_and_empty_mask_conventions():
     # ET absent from both -> Dice 1, HD95 0; ET only predicted -> Dice 0, HD95 undefined
     gt[gt == 4], pred[pred == 4] = 1, 1
     assert mask_metrics(pred, gt, labels[-1:], SPACING)[0] == {
-        "label": "ET", "dice": 1.0, "hd95": 0.0, "gt_voxels": 0, "pred_voxels": 0,
-        "status": "ok"}
+        "label": "ET", "dice": 1.0, "hd95": 0.0, "iou": 1.0, "precision": None, "recall": None,
+        "specificity": 1.0, "gt_voxels": 0, "pred_voxels": 0, "status": "ok"}
     pred[0, 0, 0] = 4
     only_pred = mask_metrics(pred, gt, labels[-1:], SPACING)[0]
     assert only_pred["dice"] == 0.0 and np.isnan(only_pred["hd95"])
     assert only_pred["status"] == "empty ground truth"
+    assert (only_pred["iou"], only_pred["precision"], only_pred["recall"]) == (0.0, 0.0, None)
 
 
 def test_evaluate_writes_reports_and_reports_mismatches_per_case(tmp_path, capsys):
