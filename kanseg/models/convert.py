@@ -25,7 +25,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from kanseg.layers import ACTIVATIONS, KANConv, KANLinear, create_kan_conv
 
-from .torch_conv_kan import layer_state_to_ours
+from .torch_conv_kan import layer_state_to_ours, norm_state_to_ours
 
 #: torch-conv-kan conv base class -> our family
 _CONV_FAMILIES = {"KAGNConvNDLayer": "kagn", "BottleNeckKAGNConvNDLayer": "kagn",
@@ -42,13 +42,6 @@ def _norm_option(norm: nn.Module, where: str) -> tuple[str, bool]:
         return "batch", norm.affine
     raise ValueError(f"{where}: norm {type(norm).__name__} is not supported "
                      "(instance or batch norm are)")
-
-
-def _grouped_norm_state(norms: nn.ModuleList) -> dict[str, Tensor]:
-    """Our ``norm.*`` state from torch-conv-kan's per-group norms (channels concatenated)."""
-    states = [n.state_dict() for n in norms]
-    return {f"norm.{key}": states[0][key] if key == "num_batches_tracked"
-            else torch.cat([s[key] for s in states]) for key in states[0]}
 
 
 def _dropout(module: nn.Module) -> float:
@@ -70,7 +63,7 @@ def _convert_polynomial(module: nn.Module, family: str) -> nn.Module:
                            module.kernel_size, **_geometry(module), **options)
     if family == "kacn":  # per-group convs over the channel-major stack already
         state = {"basis_weight": torch.cat([conv.weight for conv in module.poly_conv])}
-        state.update(_grouped_norm_state(module.layer_norm))
+        state.update(norm_state_to_ours(module.state_dict(), module.groups))
     else:
         state = layer_state_to_ours(module.state_dict(), ours, module.groups)
     ours.load_state_dict(state)
@@ -135,7 +128,7 @@ def _convert_bspline(module: nn.Module) -> KANConv:
         dropout=_dropout(module))
     state = _spline_state(module)
     state["act.weight"] = slopes[:1]
-    state.update(_grouped_norm_state(module.layer_norm))
+    state.update(norm_state_to_ours(module.state_dict(), module.groups))
     ours.load_state_dict(state)
     return ours
 
@@ -152,7 +145,7 @@ def _convert_relukan(module: nn.Module) -> KANConv:
              "basis_weight": torch.cat([conv.weight for conv in module.relukan_conv]),
              "basis.phase_low": module.phase_low.reshape(in_per_group, -1),
              "basis.phase_high": module.phase_high.reshape(in_per_group, -1)}
-    state.update(_grouped_norm_state(module.layer_norm))
+    state.update(norm_state_to_ours(module.state_dict(), module.groups))
     ours.load_state_dict(state)
     return ours
 

@@ -50,6 +50,18 @@ def channel_major_to_degree_major(w: Tensor, n_basis: int) -> Tensor:
     return w.reshape(out, expanded // n_basis, n_basis, *k).transpose(1, 2).reshape(w.shape)
 
 
+def norm_state_to_ours(theirs: dict[str, Tensor], groups: int) -> dict[str, Tensor]:
+    """Our ``norm.*`` tensors from torch-conv-kan's per-group ``layer_norm.{g}.*`` (channels
+    concatenated over groups; ``num_batches_tracked`` is shared)."""
+    ours = {}
+    for name in _NORM_KEYS:
+        parts = [theirs[f"layer_norm.{g}.{name}"] for g in range(groups)
+                 if f"layer_norm.{g}.{name}" in theirs]
+        if parts:
+            ours[f"norm.{name}"] = parts[0] if name == "num_batches_tracked" else torch.cat(parts)
+    return ours
+
+
 def layer_state_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
     """One layer's tensors (their names, prefix removed) -> our state-dict names: KAGN (plain or
     bottleneck), and the other ``base_conv`` + degree-major ``poly_weights`` families (KALN,
@@ -69,11 +81,7 @@ def layer_state_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int
         for proj in ("inner_proj", "out_proj"):
             ours[f"{proj}.weight"] = torch.cat(
                 [theirs[f"{proj}.{g}.weight"] for g in range(groups)])
-    for name in _NORM_KEYS:
-        parts = [theirs[f"layer_norm.{g}.{name}"] for g in range(groups)
-                 if f"layer_norm.{g}.{name}" in theirs]
-        if parts:
-            ours[f"norm.{name}"] = parts[0] if name == "num_batches_tracked" else torch.cat(parts)
+    ours.update(norm_state_to_ours(theirs, groups))
     return ours
 
 
