@@ -7,7 +7,6 @@ building the model, so an unknown or bad option is reported as ``model.<key>``.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,28 +129,22 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"loss: {err}") from None
 
 
-_UNKNOWN_KWARG = re.compile(r"unexpected keyword argument '(\w+)'|unknown argument\(s\) \['(\w+)'")
-
-
 def check_model(model: ModelConfig) -> None:
     """Build the model once (on the meta device: no memory, no init cost); report a bad name
-    or option as ``model.<key>``."""
+    or option as ``model.<key>`` (the key the registry's :class:`OptionError` carries)."""
     import torch
+
+    from kanseg.layers.errors import OptionError, UnknownOptionError
 
     try:
         with torch.device("meta"):
             model.build()
+    except UnknownOptionError as err:
+        raise ConfigError(f"unknown key 'model.{err.key}': {err}") from None
+    except OptionError as err:
+        raise ConfigError(f"model.{err.key}: {err}") from None
     except (TypeError, ValueError, KeyError) as err:
-        text = str(err)
-        match = _UNKNOWN_KWARG.search(text)
-        if match:
-            raise ConfigError(f"unknown key 'model.{match.group(1) or match.group(2)}': {text}") \
-                from None
-        if "unknown model" in text:
-            raise ConfigError(f"model.name: {text}") from None
-        named = [k for k in model.kwargs if re.match(rf"\W*{k}\b", text)]
-        raise ConfigError(f"model.{named[0]}: {text}" if named else f"model ({model.name}): {text}")\
-            from None
+        raise ConfigError(f"model ({model.name}): {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

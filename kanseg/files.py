@@ -20,7 +20,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], Any], suffix:
     (with the permissions a plain ``open`` would give). ``suffix`` ends the temporary name, for
     writers that pick the format by extension. Errors name ``target``."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    except OSError as err:  # e.g. a read-only folder: name the target, not a random temp name
+        raise OSError(err.errno, f"cannot write {target}: {err.strerror}") from err
     os.close(fd)
     try:
         write(tmp)

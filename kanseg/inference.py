@@ -279,10 +279,11 @@ def check_inputs(case: dict, data_cfg: Any) -> None:
             f"{e.where}: {e.message}" for e in report.errors))
 
 
-def predict_case(case: dict, transform: Any, inverter: Any,
-                 predictor: Predictor) -> tuple[torch.Tensor, np.ndarray]:
+def predict_case(case: dict, transform: Any, inverter: Any, predictor: Predictor,
+                 in_channels: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Probabilities ``(K, *S)`` of one case on the grid of its (first) input file, and that
-    file's affine."""
+    file's affine. ``in_channels``: the channel count the model was trained on, checked before
+    the model runs."""
     files = case["image"]
     try:
         data = transform({"image": files})
@@ -290,6 +291,11 @@ def predict_case(case: dict, transform: Any, inverter: Any,
         raise InferenceError(f"case {case['id']}: cannot load/preprocess {files}: "
                              f"{_root_cause(err)}") from None
     image = data["image"]
+    if in_channels is not None and image.shape[0] != in_channels:
+        raise InferenceError(f"case {case['id']} ({_first_file(files)}): the image has "
+                             f"{image.shape[0]} channel(s) after loading, but the model was "
+                             f"trained on {in_channels} (one per modality: check the input "
+                             f"files and data.modalities)")
     try:
         probs = predictor(image)
     except (RuntimeError, ValueError) as err:  # e.g. a channel count the model does not take
@@ -370,7 +376,8 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
     for case in tqdm(cases, desc="infer", unit="case", disable=not progress):
         try:
             check_inputs(case, cfg.data)
-            probs, affine = predict_case(case, transform, inverter, predictor)
+            probs, affine = predict_case(case, transform, inverter, predictor,
+                                         cfg.model.kwargs.get("in_channels"))
         except InferenceError as err:
             failures.append(str(err))
             continue

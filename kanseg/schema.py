@@ -11,6 +11,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 #: numbers like ``1e-3`` that YAML 1.1 leaves as strings
@@ -44,12 +45,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
                 return _convert(value, option, path)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -98,6 +98,26 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _renamed(cls: type, data: dict, path: str) -> dict:
+    """``data`` with the old keys of ``cls.RENAMED_KEYS`` (old -> new) under their new names,
+    warning once per key; both names at once is an error."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    if not any(old in data for old in renamed):
+        return data
+    prefix = f"{path}." if path else ""
+    data = dict(data)
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ConfigError(f"{prefix}{old} and {prefix}{new} are the same setting "
+                              f"({old} is its deprecated name); give only {prefix}{new}")
+        warnings.warn(f"config key {prefix}{old} is deprecated; use {prefix}{new}",
+                      FutureWarning, stacklevel=3)
+        data[new] = data.pop(old)
+    return data
+
+
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, validating keys and types recursively."""
     where = path or cls.__name__
@@ -105,6 +125,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    data = _renamed(cls, data, path)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

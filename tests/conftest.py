@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import locale
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -34,3 +35,17 @@ def saved_run(tmp_path: Path) -> Callable[[dict], Path]:
         save_weights(cfg.model.build().state_dict(), run / "checkpoints/best/model.safetensors")
         return run
     return make
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """An existing, empty folder nothing can be created in, even by root (``chattr +i``);
+    skips where the file system or the user cannot set the immutable flag."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    try:
+        subprocess.run(["chattr", "+i", str(folder)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.skip(f"cannot make a folder immutable here: {err}")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)

@@ -16,7 +16,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     if path.name.startswith("peft_"):  # kanpeft fine-tuning configs have their own schema
-        from kanpeft.tasks import load_config as load_peft_config
+        from kanpeft.config import load_config as load_peft_config
 
         load_peft_config(path)
         return
@@ -53,6 +53,9 @@ def _write(tmp_path, text: str) -> Path:
     ("model.wings=3", "unknown key 'model.wings'"),
     ("model.depth=0", "model.depth: depth must be >= 1"),
     ("model.name=nonet", "model.name: unknown model 'nonet'"),
+    ("model.norm=bogus", "model.norm: norm must be one of"),
+    ("model.kan_levels=[7]", "model.kan_levels: kan_levels must be distinct integers"),
+    ("model.degree=-1", "model.degree: degree must be an integer >= 0"),
     ("loss.name=dice_ce", "labels are overlapping regions"),
     ("inference.roi_size=[8,8]", "inference.roi_size: expected 3 positive sizes"),
     ("trainer.ema=1.5", "ema must be a decay in (0, 1)"),
@@ -110,3 +113,43 @@ def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path, demo):
     assert "weight_decay: 1e-4" in text
     cfg = load_config(_write(tmp_path, text), ["trainer.lr=3e-4"])
     assert cfg.trainer.lr == 3e-4 and cfg.trainer.weight_decay == 1e-4
+
+
+def test_renamed_key_still_works_with_a_warning_and_is_saved_under_its_new_name(tmp_path, demo):
+    """``loss.lambda_ce`` (it also weights the focal and BCE terms) is now ``lambda_voxel``."""
+    with pytest.warns(FutureWarning, match=r"loss\.lambda_ce is deprecated; use loss\.lambda_voxel"):
+        cfg = load_config(demo, ["loss.lambda_ce=0.25"])
+    assert cfg.loss.lambda_voxel == 0.25
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())["loss"]
+    assert saved["lambda_voxel"] == 0.25 and "lambda_ce" not in saved
+    with pytest.raises(ConfigError, match=r"loss\.lambda_ce and loss\.lambda_voxel are the same"):
+        load_config(demo, ["loss.lambda_ce=0.25", "loss.lambda_voxel=0.5"])
+
+
+def test_loss_weights_reach_the_voxelwise_term():
+    """``lambda_voxel`` weights cross-entropy, BCE and focal: each loss equals its Dice term
+    plus lambda_voxel x its voxel-wise term, computed here with MONAI's separate losses."""
+    import torch
+    from monai.losses import DiceLoss, FocalLoss
+
+    from kanseg.engine.config import LossConfig
+    from kanseg.engine.losses import build_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6)
+    labels = torch.randint(0, 3, (2, 1, 6, 6))
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 3).movedim(-1, 1).float()
+    dice = DiceLoss(softmax=True, to_onehot_y=True)(logits, labels)
+    voxel = {
+        "dice_ce": torch.nn.functional.cross_entropy(logits, labels[:, 0]),
+        # MONAI's DiceFocalLoss uses the sigmoid focal term whatever the Dice activation
+        "dice_focal": FocalLoss(to_onehot_y=True, gamma=2.0)(logits, labels),
+    }
+    for name, term in voxel.items():
+        loss = build_loss(LossConfig(name=name, activation="softmax", lambda_voxel=0.3))
+        torch.testing.assert_close(loss(logits, labels), dice + 0.3 * term)
+    sigmoid_dice = DiceLoss(sigmoid=True)(logits, onehot)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot)
+    loss = build_loss(LossConfig(name="dice_bce", lambda_voxel=0.3), overlapping_labels=True)
+    torch.testing.assert_close(loss(logits, onehot), sigmoid_dice + 0.3 * bce)

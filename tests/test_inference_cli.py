@@ -140,3 +140,35 @@ def test_full_disk_is_one_clean_line_and_leaves_no_partial_file(tmp_path, run_di
     assert f"cannot write {probabilities}: File too large" in lines[0]
     assert "file-size limit" in lines[0]
     assert [p.name for p in (out / "probabilities").iterdir()] == []
+
+
+def test_read_only_output_is_one_clean_line_naming_the_file(tmp_path, run_dir, read_only_folder):
+    case = write_case(tmp_path / "data", 0, size=16, seed=3)
+    result = subprocess.run(
+        [sys.executable, "-m", "kanseg.cli", "infer", "--checkpoint", str(run_dir), "--input",
+         str(case), "--output", str(read_only_folder)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and str(read_only_folder / f"{case.name}.nii.gz") in lines[0], lines
+    assert "Operation not permitted" in lines[0] or "Permission denied" in lines[0]
+    assert list(read_only_folder.iterdir()) == []
+
+
+def test_infer_refuses_an_image_with_another_channel_count(tmp_path, run_dir, capsys):
+    """A 3-channel model given 4-modality cases: stopped before the model runs, naming the
+    file and both counts."""
+    cfg_text = (run_dir / "config.yaml").read_text().replace("in_channels: 4", "in_channels: 3")
+    assert "in_channels: 3" in cfg_text
+    (run_dir / "config.yaml").write_text(cfg_text)
+    from kanseg.config import load_config
+
+    model = load_config(run_dir / "config.yaml").model.build()
+    save_weights(model.state_dict(), run_dir / "checkpoints" / "best" / "model.safetensors")
+    case = write_case(tmp_path / "data", 0, size=16, seed=3)
+    assert main(["infer", "--checkpoint", str(run_dir), "--input", str(case),
+                 "--output", str(tmp_path / "pred")]) == 1
+    err = capsys.readouterr().err
+    assert f"{case.name}_t1.nii.gz" in err, err
+    assert "has 4 channel(s) after loading, but the model was trained on 3" in err, err

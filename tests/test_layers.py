@@ -122,7 +122,7 @@ def ref_basis(layer: KANConv, x: torch.Tensor, c: int, groups: int):
         h = 4 / (basis.n_basis - 1)
         return [torch.exp(-((z - g) / h) ** 2) for g in grid]
     if fam == "kan":
-        k, n = basis.degree, basis.n_basis
+        k, n = basis.order, basis.n_basis
         size = n - k
         h = 2 / size
         knots = [-1 + (i - k) * h for i in range(size + 2 * k + 1)]
@@ -132,7 +132,7 @@ def ref_basis(layer: KANConv, x: torch.Tensor, c: int, groups: int):
         return [wavelet_ref(basis.wavelet, (xc - basis.translation[cg, j]) / basis.scale[cg, j])
                 for j in range(basis.n_basis)]
     if fam == "relukan":
-        g, k = basis.n_basis - basis.degree, basis.degree
+        g, k = basis.n_basis - basis.order, basis.order
         r = 4 * g * g / (k + 1) ** 2
         return [(r * torch.relu(xc - basis.phase_low[cg, j]) * torch.relu(basis.phase_high[cg, j] - xc)) ** 2
                 for j in range(basis.n_basis)]

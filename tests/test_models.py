@@ -29,6 +29,30 @@ def test_registry_names_and_errors():
         create_model("ukanet", family="nope")
 
 
+@pytest.mark.parametrize("name, kwargs, key, unknown", [
+    ("nonet", {}, "name", False),
+    ("ukanet", {"widht": 8}, "widht", True),
+    ("ukanet", {"spatial_dims": 4}, "spatial_dims", False),
+    ("ukanet", {"family": "nope"}, "family", False),
+    ("ukanet", {"depth": 0}, "depth", False),
+    ("ukanet", {"kan_levels": [9]}, "kan_levels", False),
+    ("ukanet", {"norm": "bogus"}, "norm", False),
+    ("ukanet", {"degree": -1}, "degree", False),
+    ("ukanet", {"family": "kan", "grid_size": 0}, "grid_size", False),
+    ("u2kanet", {"variant": "huge"}, "variant", False),
+    ("segresnet", {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "width": 3},
+     "width", False),
+])
+def test_registry_errors_carry_the_offending_key(name, kwargs, key, unknown):
+    """Configs report ``model.<key>`` from the error's ``key``, not from its message."""
+    from kanseg.layers import OptionError, UnknownOptionError
+
+    with pytest.raises(OptionError) as err, torch.device("meta"):
+        create_model(name, **kwargs)
+    assert err.value.key == key
+    assert isinstance(err.value, UnknownOptionError) == unknown
+
+
 def test_register_model_decorator():
     @register_model("test_tiny_linear", dims=(1,), task="classification", out_features=3)
     def tiny(in_features: int = 2, out_features: int = 1) -> torch.nn.Module:

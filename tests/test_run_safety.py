@@ -194,3 +194,14 @@ def test_full_disk_during_training_is_one_line_and_leaves_no_partial_checkpoint(
     assert "file-size limit" in line
     assert [p.name for p in (run / "checkpoints").iterdir()] == []
     assert not (run / "train.lock").exists()
+
+
+def test_run_folder_in_a_read_only_folder_is_one_line_naming_it(tmp_path, synth_root,
+                                                                 read_only_folder, capsys):
+    config = tiny_config(tmp_path, synth_root, max_epochs=1)
+    run = read_only_folder / "run"
+    assert _train(config, run) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and str(run) in lines[0] and "Traceback" not in err, err
+    assert list(read_only_folder.iterdir()) == []

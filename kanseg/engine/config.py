@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 
 @dataclass
@@ -67,13 +67,18 @@ class LossConfig:
     """Segmentation loss; ``activation: auto`` is sigmoid for dice_bce, softmax for dice_ce and
     follows the label mode (overlapping regions -> sigmoid) for the focal and Tversky losses.
     ``tversky``: MONAI's Tversky loss, ``tversky_alpha`` weighting false positives and
-    ``tversky_beta`` false negatives (0.5 / 0.5 is Dice)."""
+    ``tversky_beta`` false negatives (0.5 / 0.5 is Dice). ``lambda_dice`` weights the Dice term
+    and ``lambda_voxel`` the voxel-wise term of dice_ce (cross-entropy), dice_bce (binary
+    cross-entropy) and dice_focal (focal); the old name ``lambda_ce`` still works, with a
+    deprecation warning."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"lambda_ce": "lambda_voxel"}
 
     name: Literal["dice_ce", "dice_bce", "focal", "dice_focal", "tversky"] = "dice_ce"
     activation: Literal["auto", "sigmoid", "softmax"] = "auto"
     include_background: bool = True
     lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
+    lambda_voxel: float = 1.0
     gamma: float = 2.0
     tversky_alpha: float = 0.3
     tversky_beta: float = 0.7

@@ -59,12 +59,12 @@ def build_loss(cfg: LossConfig, overlapping_labels: bool = False) -> nn.Module:
                include_background=cfg.include_background)
     loss: nn.Module
     if cfg.name == "dice_bce":
-        loss = DiceBCELoss(cfg.include_background, cfg.lambda_dice, cfg.lambda_ce)
+        loss = DiceBCELoss(cfg.include_background, cfg.lambda_dice, cfg.lambda_voxel)
     elif cfg.name == "dice_ce":
-        loss = DiceCELoss(**act, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
+        loss = DiceCELoss(**act, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_voxel)
     elif cfg.name == "dice_focal":
         loss = DiceFocalLoss(**act, gamma=cfg.gamma, lambda_dice=cfg.lambda_dice,
-                             lambda_focal=cfg.lambda_ce)
+                             lambda_focal=cfg.lambda_voxel)
     elif cfg.name == "tversky":
         loss = TverskyLoss(**act, alpha=cfg.tversky_alpha, beta=cfg.tversky_beta)
     else:

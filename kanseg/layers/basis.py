@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import OptionError
+
 BASIS_REGISTRY: dict[str, type["Basis"]] = {}
 
 
@@ -20,6 +22,8 @@ def register_basis(name: str) -> Callable[[type["Basis"]], type["Basis"]]:
     """Class decorator that registers a basis family under ``name``."""
 
     def wrap(cls: type["Basis"]) -> type["Basis"]:
+        if cls.forward is Basis.forward and cls.terms is Basis.terms:  # each calls the other
+            raise TypeError(f"basis {name!r} ({cls.__name__}) must implement forward() or terms()")
         BASIS_REGISTRY[name] = cls
         cls.family = name
         return cls
@@ -39,8 +43,11 @@ class Basis(nn.Module):
     n_basis: int = 0
     #: whether layers of this family have the base branch ``conv(act(x))``
     use_base: bool = True
-    #: extra degrees for PEFT / polynomial families expose ``degree``
+    #: polynomial families (one basis function per degree 0..degree): the highest degree;
+    #: None for the others (kanpeft's extra-degree and per-degree methods need a polynomial)
     degree: int | None = None
+    #: B-spline and ReLU-bump families: the order of their piecewise functions; None otherwise
+    order: int | None = None
     #: layer options this family uses unless the caller sets them (torch-conv-kan's choices)
     layer_defaults: dict[str, Any] = {}
 
@@ -70,16 +77,19 @@ class Basis(nn.Module):
 
 def _check_degree(degree: int, name: str = "degree") -> int:
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {degree!r}")
+        raise OptionError(name, f"{name} must be an integer >= 0, got {degree!r}")
     return degree
 
 
 def _check_grid(grid_size: int, grid_range: Sequence[float], minimum: int = 1) -> tuple[float, float]:
     if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < minimum:
-        raise ValueError(f"grid_size must be an integer >= {minimum}, got {grid_size!r}")
+        raise OptionError("grid_size",
+                          f"grid_size must be an integer >= {minimum}, got {grid_size!r}")
     lo, hi = (float(v) for v in grid_range)
     if not hi > lo:
-        raise ValueError(f"grid_range must be (low, high) with low < high, got {tuple(grid_range)!r}")
+        raise OptionError("grid_range",
+                          f"grid_range must be (low, high) with low < high, "
+                          f"got {tuple(grid_range)!r}")
     return lo, hi
 
 
@@ -318,7 +328,8 @@ class JacobiBasis(_FixedRecurrence):
                  alpha: float = 1.0, beta: float = 1.0):
         super().__init__(in_channels, degree, kernel_numel)
         if not (alpha > -1.0 and beta > -1.0):
-            raise ValueError(f"alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
+            raise OptionError("alpha",
+                              f"alpha and beta must be > -1, got alpha={alpha!r}, beta={beta!r}")
         self.alpha, self.beta = float(alpha), float(beta)
 
     def step(self, n: int) -> tuple[float, float, float]:
@@ -462,13 +473,13 @@ class BSplineBasis(Basis):
                  spline_order: int = 3, grid_range: Sequence[float] = (-1.0, 1.0)):
         super().__init__()
         lo, hi = _check_grid(grid_size, grid_range)
-        self.degree = _check_degree(spline_order, "spline_order")
+        self.order = _check_degree(spline_order, "spline_order")
         self.n_basis = grid_size + spline_order
         self.spacing = (hi - lo) / grid_size
         self.first_knot = lo - self.spacing * spline_order
 
     def forward(self, x: Tensor) -> Tensor:
-        k, n = self.degree, self.n_basis
+        k, n = self.order, self.n_basis
         u = (x - self.first_knot) / self.spacing  # knot intervals: [0, n + k)
         cell = torch.floor(u)
         f = u - cell
@@ -554,7 +565,7 @@ class ReLUBumpBasis(Basis):
                  order: int = 3, train_phases: bool = True):
         super().__init__()
         _check_grid(grid_size, (0.0, 1.0))
-        self.degree = _check_degree(order, "order")
+        self.order = _check_degree(order, "order")
         self.n_basis = grid_size + order
         self.scale = 4.0 * grid_size**2 / (order + 1) ** 2
         low = torch.arange(-order, grid_size, dtype=torch.float32) / grid_size
@@ -573,7 +584,8 @@ class ReLUBumpBasis(Basis):
 def basis_class(family: str) -> type[Basis]:
     """The registered class of ``family``; ValueError listing the families if unknown."""
     if family not in BASIS_REGISTRY:
-        raise ValueError(f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
+        raise OptionError("family",
+                          f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
     return BASIS_REGISTRY[family]
 
 

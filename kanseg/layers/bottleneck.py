@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .basis import create_basis
 from .conv import KANConv
+from .errors import OptionError
 from .factories import (conv_function, conv_module, create_activation, create_dropout,
                         create_norm, to_tuple)
 
@@ -55,7 +56,7 @@ class KANBottleneckConv(nn.Module):
                 f"by groups ({groups})"
             )
         if dim_reduction <= 0:
-            raise ValueError(f"dim_reduction must be > 0, got {dim_reduction!r}")
+            raise OptionError("dim_reduction", f"dim_reduction must be > 0, got {dim_reduction!r}")
         self.spatial_dims = spatial_dims
         self.groups = groups
         self.in_channels, self.out_channels = in_channels, out_channels

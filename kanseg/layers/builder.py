@@ -9,6 +9,7 @@ from torch import nn
 from .basis import basis_class, create_basis
 from .bottleneck import KANBottleneckConv
 from .conv import KANConv
+from .errors import OptionError
 
 #: layer options every KAN family accepts, next to its basis options
 LAYER_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
@@ -41,7 +42,7 @@ def create_kan_conv(
     squeeze / expand convs.
     """
     if spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        raise OptionError("spatial_dims", f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     conv_options = dict(basis_class(family).layer_defaults)
     conv_options.update({k: family_options.pop(k) for k in LAYER_OPTIONS if k in family_options})
     ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
@@ -53,7 +54,8 @@ def create_kan_conv(
             basis_options=family_options, **geometry, **conv_options,
         )
     if groups < 1 or in_channels % groups:
-        raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+        raise OptionError("groups",
+                          f"in_channels ({in_channels}) must be divisible by groups ({groups})")
     basis = create_basis(family, in_channels // groups, prod(ks), **family_options)
     return KANConv(basis, spatial_dims, in_channels, out_channels, kernel_size, **geometry,
                    **conv_options)

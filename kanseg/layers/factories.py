@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import OptionError
+
 NORMS = ("instance", "batch", "group", "layer", "none")
 
 
@@ -26,7 +28,7 @@ def create_norm(name: str | None, spatial_dims: int, channels: int, affine: bool
         return nn.GroupNorm(groups, channels, affine=affine)
     if name == "layer":
         return nn.GroupNorm(1, channels, affine=affine)
-    raise ValueError(f"norm must be one of {NORMS}, got {name!r}")
+    raise OptionError("norm", f"norm must be one of {NORMS}, got {name!r}")
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "prelu": nn.PReLU,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .blocks import crop_to, pad_to_multiple
 from .registry import register_model
+from kanseg.layers.errors import OptionError
 
 
 class PadToMultiple(nn.Module):
@@ -32,12 +33,13 @@ class PadToMultiple(nn.Module):
 
 def _check_width(width: int, multiple: int = 1) -> None:
     if width < 1 or width % multiple:
-        raise ValueError(f"width must be a positive multiple of {multiple}, got {width!r}")
+        raise OptionError("width",
+                          f"width must be a positive multiple of {multiple}, got {width!r}")
 
 
 def _check_depth(depth: int) -> None:
     if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth!r}")
+        raise OptionError("depth", f"depth must be >= 1, got {depth!r}")
 
 
 def monai_unet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,

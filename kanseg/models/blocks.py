@@ -14,6 +14,7 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import Tensor, nn
 
 from kanseg.layers import create_activation, create_kan_conv, create_norm
+from kanseg.layers.errors import OptionError
 
 BLOCK_KINDS = ("basic", "bottleneck")
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -39,7 +40,7 @@ class ConvFactory:
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
-            raise ValueError(f"groups must be an integer >= 1, got {self.groups!r}")
+            raise OptionError("groups", f"groups must be an integer >= 1, got {self.groups!r}")
 
     def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, dilation: int = 1, groups: int | None = None, act: bool = True,
@@ -102,8 +103,9 @@ def check_kan_levels(kan_levels: Sequence[int] | None, n_levels: int) -> frozens
     levels = list(kan_levels) if isinstance(kan_levels, (list, tuple)) else [None]
     if any(not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n_levels
            for v in levels) or len(set(levels)) != len(levels):
-        raise ValueError(f"kan_levels must be distinct integers in [0, {n_levels - 1}] "
-                         f"(0 = full resolution) or null for all, got {kan_levels!r}")
+        raise OptionError("kan_levels", f"kan_levels must be distinct integers in "
+                          f"[0, {n_levels - 1}] (0 = full resolution) or null for all, "
+                          f"got {kan_levels!r}")
     return frozenset(levels)
 
 

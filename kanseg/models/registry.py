@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kanseg.layers import BASIS_REGISTRY, LAYER_OPTIONS
+from kanseg.layers.errors import OptionError, UnknownOptionError
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,19 @@ def list_models() -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` registered under ``name`` (ValueError listing the choices)."""
+    """The :class:`ModelSpec` registered under ``name`` (:class:`OptionError` for ``name``,
+    listing the choices)."""
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+        raise OptionError("name", f"unknown model {name!r}; registered models: "
+                                  f"{', '.join(list_models())}")
     return _MODELS[name]
 
 
 def family_option_names(family: str) -> set[str]:
     """Keyword options accepted by KAN ``family`` (basis options plus layer options)."""
     if family not in BASIS_REGISTRY:
-        raise ValueError(f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
+        raise OptionError("family",
+                          f"family must be one of {sorted(BASIS_REGISTRY)}, got {family!r}")
     params = inspect.signature(BASIS_REGISTRY[family].__init__).parameters
     names = {p for p in params if p not in ("self", "in_channels", "kernel_numel")}
     return names | set(LAYER_OPTIONS)
@@ -81,18 +85,18 @@ def _check_kwargs(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
     allowed = accepted_arguments(spec.name, kwargs)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ValueError(
-            f"unknown argument(s) {unknown} for model {spec.name!r}; accepted: {sorted(allowed)}"
-        )
+        raise UnknownOptionError(unknown[0], f"unknown argument(s) {unknown} for model "
+                                             f"{spec.name!r}; accepted: {sorted(allowed)}")
     if "spatial_dims" in kwargs and kwargs["spatial_dims"] not in spec.dims:
-        raise ValueError(
-            f"model {spec.name!r} supports spatial_dims in {spec.dims}, "
+        raise OptionError(
+            "spatial_dims", f"model {spec.name!r} supports spatial_dims in {spec.dims}, "
             f"got {kwargs['spatial_dims']!r}"
         )
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs`` over its registered defaults.
+    A bad name or option raises :class:`~kanseg.layers.errors.OptionError` naming its key.
 
     The model's ``model_config`` attribute records ``{"name": name, **arguments}`` (what
     :func:`kanseg.models.io.save_model` writes as ``config.json``).

@@ -9,6 +9,7 @@ from .blocks import (
     ConvFactory, PlainConvFactory, RSUBlock, check_bottom_size, check_kan_levels, resize_to,
 )
 from .registry import register_model
+from kanseg.layers.errors import OptionError
 
 # (height, mid channels, out channels, dilated) per stage, as in U^2-Net and U^2-Net-small.
 VARIANTS: dict[str, dict[str, tuple[tuple[int, int, int, bool], ...]]] = {
@@ -60,9 +61,10 @@ class U2KANet(nn.Module):
     ):
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+            raise OptionError("variant",
+                              f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         if width_scale <= 0:
-            raise ValueError(f"width_scale must be > 0, got {width_scale!r}")
+            raise OptionError("width_scale", f"width_scale must be > 0, got {width_scale!r}")
         self.spatial_dims = spatial_dims
         self.norm = norm
         self.deep_supervision = deep_supervision

@@ -10,6 +10,7 @@ from .blocks import (
     pad_to_multiple, res_stage,
 )
 from .registry import register_model
+from kanseg.layers.errors import OptionError
 
 
 class UKANet(nn.Module):
@@ -57,19 +58,19 @@ class UKANet(nn.Module):
     ):
         super().__init__()
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth!r}")
+            raise OptionError("depth", f"depth must be >= 1, got {depth!r}")
         if block not in BLOCK_KINDS:
-            raise ValueError(f"block must be one of {BLOCK_KINDS}, got {block!r}")
+            raise OptionError("block", f"block must be one of {BLOCK_KINDS}, got {block!r}")
         base = round(width * width_scale)
         if base < 1:
             raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
         if deep_supervision and not 2 <= supervision_levels <= depth:
-            raise ValueError(
-                f"supervision_levels must be in [2, depth = {depth}] (one per decoder level), "
-                f"got {supervision_levels!r}"
+            raise OptionError(
+                "supervision_levels", f"supervision_levels must be in [2, depth = {depth}] (one "
+                f"per decoder level), got {supervision_levels!r}"
             )
         if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
+            raise OptionError("stem_stride", f"stem_stride must be 1 or 2, got {stem_stride!r}")
         self.spatial_dims = spatial_dims
         self.depth = depth
         self.stem_stride = stem_stride

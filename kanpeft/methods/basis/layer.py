@@ -73,7 +73,7 @@ class BasisLayer(AdapterLayer):
         super().__init__(base_layer, config)
         core = basis_conv(base_layer)
         basis = core.basis
-        if basis.degree is None or basis.n_basis != basis.degree + 1:
+        if basis.degree is None:
             raise ValueError(f"the basis method needs a polynomial family (one basis function per "
                              f"degree); {basis.family!r} is not: use the 'scales' or 'lora' method")
         bad = [d for d in config.degrees if d > basis.degree]
