@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 DESCRIPTION = """\
@@ -68,8 +69,27 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _plain_deprecations() -> None:
+    """Show config-key deprecations as one ``kanseg: warning:`` line, without a source line."""
+    from kanseg.schema import DeprecatedKeyWarning
+
+    show = warnings.showwarning
+    if getattr(show, "plain_deprecations", False):  # main() called again in one process
+        return
+
+    def plain(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, DeprecatedKeyWarning):
+            print(f"kanseg: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    plain.plain_deprecations = True  # type: ignore[attr-defined]
+    warnings.showwarning = plain
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _plain_deprecations()
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names its dotted path."""
 
 
+class DeprecatedKeyWarning(FutureWarning):
+    """A config uses the old name of a renamed key (it still works)."""
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
@@ -113,7 +117,7 @@ def _renamed(cls: type, data: dict, path: str) -> dict:
             raise ConfigError(f"{prefix}{old} and {prefix}{new} are the same setting "
                               f"({old} is its deprecated name); give only {prefix}{new}")
         warnings.warn(f"config key {prefix}{old} is deprecated; use {prefix}{new}",
-                      FutureWarning, stacklevel=3)
+                      DeprecatedKeyWarning, stacklevel=3)
         data[new] = data.pop(old)
     return data
 
