@@ -153,3 +153,20 @@ def test_loss_weights_reach_the_voxelwise_term():
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, onehot)
     loss = build_loss(LossConfig(name="dice_bce", lambda_voxel=0.3), overlapping_labels=True)
     torch.testing.assert_close(loss(logits, onehot), sigmoid_dice + 0.3 * bce)
+
+
+def test_cli_shows_a_deprecated_key_as_one_plain_line(tmp_path, demo):
+    import subprocess
+    import sys
+
+    text = demo.read_text()
+    assert "loss:\n" in text
+    config = _write(tmp_path, text.replace("loss:\n", "loss:\n  lambda_ce: 0.5\n", 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "kanseg.cli", "train", "--config", str(config), "--run-dir",
+         str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'no_data'}"],
+        capture_output=True, text=True)
+    assert result.returncode == 1
+    assert ("kanseg: warning: config key loss.lambda_ce is deprecated; use loss.lambda_voxel"
+            in result.stderr.splitlines()), result.stderr
+    assert "FutureWarning" not in result.stderr and "Traceback" not in result.stderr
