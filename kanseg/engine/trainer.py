@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kanseg.files import atomic_write_text
+from kanseg.layers.auxiliary import collect_auxiliary_losses
 from kanseg.plots import plot_curves
 
 from . import checkpoint as ckpt
@@ -64,12 +65,15 @@ class TrainState:
     epoch_patches: int = 0
     epoch_wait_s: float = 0.0
     epoch_train_s: float = 0.0
+    # auxiliary loss terms (penalties, load balancing) summed per kind, counted with the loss
+    epoch_aux_sums: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def next_epoch(self) -> None:
         """Count the finished epoch and clear its running totals."""
         self.epoch += 1
         self.batch = self.epoch_loss_count = self.epoch_patches = 0
         self.epoch_loss_sum = self.epoch_wait_s = self.epoch_train_s = 0.0
+        self.epoch_aux_sums = {}
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -193,6 +197,7 @@ class Trainer:
                                   multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
                     if cfg.ema else None)
         self.state = TrainState()
+        self._aux_sums: dict[str, torch.Tensor] = {}  # this process's, in the current epoch
         self.rows: list[dict[str, Any]] = []
         self.ckpt_root = self.run_dir / "checkpoints"
 
@@ -238,6 +243,8 @@ class Trainer:
         main = acc.is_main_process  # resumed totals are global: restored on one process
         loss_sum = torch.tensor(st.epoch_loss_sum if main else 0.0, device=acc.device)
         count = st.epoch_loss_count if main else 0
+        self._aux_sums = {kind: torch.tensor(value if main else 0.0, device=acc.device)
+                          for kind, value in st.epoch_aux_sums.items()}
         patches, wait, t_prev = st.epoch_patches, st.epoch_wait_s, time.perf_counter()
         t_start = t_prev - st.epoch_train_s
         for batch in loader:
@@ -247,11 +254,16 @@ class Trainer:
             with acc.accumulate(self.model):
                 with acc.autocast():
                     loss = self.loss_fn(self.train_forward(inputs), targets)
+                    aux = collect_auxiliary_losses(self.model, by_kind=True)
+                    if aux:
+                        loss = loss + sum(aux.values())
                 acc.backward(loss)
                 st.batch += 1
                 if torch.isfinite(loss.detach()):
                     loss_sum += loss.detach().float()
                     count += 1
+                    for kind, term in aux.items():
+                        self._aux_sums[kind] = self._aux_sums.get(kind, 0.0) + term.detach().float()
                 patches += len(inputs) * acc.num_processes
                 stepped = self._optimizer_step() if acc.sync_gradients else False
             t_prev = time.perf_counter()
@@ -330,6 +342,8 @@ class Trainer:
                                                                      device=self.acc.device)]))
         st.epoch_loss_sum, st.epoch_loss_count = totals[0].item(), int(totals[1].item())
         st.epoch_patches, st.epoch_wait_s = patches, wait
+        st.epoch_aux_sums = {kind: self.acc.reduce(total).item()
+                             for kind, total in sorted(self._aux_sums.items())}
         st.epoch_train_s = time.perf_counter() - t_start
 
     def _reduce_stats(self, loss_sum: torch.Tensor, count: int, patches: int, wait: float,
@@ -338,9 +352,14 @@ class Trainer:
         self._record_totals(loss_sum, count, patches, wait, t_start)
         st = self.state
         elapsed = max(st.epoch_train_s, 1e-9)
-        return {"train_loss": st.epoch_loss_sum / max(st.epoch_loss_count, 1),
-                "patches_per_s": st.epoch_patches / elapsed,
-                "data_wait_frac": st.epoch_wait_s / elapsed}
+        count = max(st.epoch_loss_count, 1)
+        stats = {"train_loss": st.epoch_loss_sum / count,
+                 "patches_per_s": st.epoch_patches / elapsed,
+                 "data_wait_frac": st.epoch_wait_s / elapsed}
+        aux = {f"aux_{kind}": total / count for kind, total in st.epoch_aux_sums.items()}
+        if aux:  # train_loss includes them; aux_loss is their sum
+            stats.update(aux_loss=sum(aux.values()), **aux)
+        return stats
 
     # ------------------------------------------------------------------ epoch end
     def _maybe_validate(self, force: bool) -> dict[str, float]:
@@ -372,8 +391,9 @@ class Trainer:
         self.rows.append(row)
         self.acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=st.step)
         val = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        log.info("epoch %d%s step %d: loss %.4f, %.2f patches/s, data wait %.0f%%%s%s",
-                 st.epoch + partial, " (partial)" if partial else "", st.step, row["train_loss"],
+        aux = f" (aux {row['aux_loss']:.4g})" if "aux_loss" in row else ""
+        log.info("epoch %d%s step %d: loss %.4f%s, %.2f patches/s, data wait %.0f%%%s%s",
+                 st.epoch + partial, " (partial)" if partial else "", st.step, row["train_loss"], aux,
                  row["patches_per_s"], 100 * row["data_wait_frac"], f"; {val}" if val else "",
                  " (best)" if improved else "")
         name = f"step-{st.step:08d}" if partial else f"epoch-{st.epoch:04d}"

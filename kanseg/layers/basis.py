@@ -516,8 +516,13 @@ def _meyer(z: Tensor) -> Tensor:
     return torch.sin(math.pi * v) * window
 
 
+def _sinc(z: Tensor) -> Tensor:
+    return torch.sinc(z / math.pi)  # sin(z) / z
+
+
 WAVELETS: dict[str, Callable[[Tensor], Tensor]] = {
     "mexican_hat": _mexican_hat, "morlet": _morlet, "dog": _dog, "meyer": _meyer,
+    "shannon": _sinc,  # times the channel window of WaveletBasis
 }
 
 
@@ -527,8 +532,13 @@ class WaveletBasis(Basis):
 
     torch-conv-kan's WavKAN learns one (scale, translation) per (output, input) pair; here each
     input channel has a bank of ``n_wavelets`` that every output mixes through the conv weight,
-    which keeps the one-conv core. Wavelet formulas are the same. Translations start evenly
-    spread over [-1, 1], scales at 1. Base branch SiLU, batch norm and no activation by default.
+    which keeps the one-conv core. With one wavelet per output (``n_wavelets`` = output channels
+    per group) a WavKAN layer is represented exactly (``kanseg.models.convert_wavkan``).
+    Wavelet formulas are the same. ``shannon`` is WavKAN's windowed sinc: sin(z) / z times a
+    symmetric Hamming window laid over the input channels of a group (WavKAN windows its
+    wavelet tensor's input-channel axis), so channel c of C gets
+    0.54 - 0.46 cos(2 pi c / (C - 1)). Translations start evenly spread over [-1, 1], scales
+    at 1. Base branch SiLU, batch norm and no activation by default.
     """
 
     layer_defaults = {"norm": "batch", "activation": None}
@@ -542,6 +552,7 @@ class WaveletBasis(Basis):
             raise ValueError(f"n_wavelets must be an integer >= 1, got {n_wavelets!r}")
         self.wavelet = wavelet
         self.n_basis = n_wavelets
+        self.in_channels = in_channels
         shift = torch.linspace(-1.0, 1.0, n_wavelets) if n_wavelets > 1 else torch.zeros(1)
         self.translation = nn.Parameter(shift.repeat(in_channels, 1))
         self.scale = nn.Parameter(torch.ones(in_channels, n_wavelets))
@@ -549,7 +560,12 @@ class WaveletBasis(Basis):
     def forward(self, x: Tensor) -> Tensor:
         shift = _channel_param(self.translation, x).to(x.dtype)
         scale = _channel_param(self.scale, x).to(x.dtype)
-        return WAVELETS[self.wavelet]((x.unsqueeze(2) - shift) / scale)
+        psi = WAVELETS[self.wavelet]((x.unsqueeze(2) - shift) / scale)
+        if self.wavelet == "shannon":
+            window = torch.hamming_window(self.in_channels, periodic=False, dtype=x.dtype,
+                                          device=x.device)
+            psi = psi * _channel_param(window.unsqueeze(1), x)
+        return psi
 
 
 @register_basis("relukan")

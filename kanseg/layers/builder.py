@@ -10,10 +10,12 @@ from .basis import basis_class, create_basis
 from .bottleneck import KANBottleneckConv
 from .conv import KANConv
 from .errors import OptionError
+from .regularization import PENALTY_OPTIONS, attach_penalties
 
 #: layer options every KAN family accepts, next to its basis options
 LAYER_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
-                 "conv_strategy")
+                 "conv_strategy", "dropout_placement", "dropout_type", "noise_scale",
+                 *PENALTY_OPTIONS)
 
 
 def create_kan_conv(
@@ -39,23 +41,30 @@ def create_kan_conv(
     opt-in, or ``grouped``/``dense``; see :mod:`kanseg.layers.strategy`). Layer options not given
     take the family's ``layer_defaults`` (torch-conv-kan's choice of base activation, output
     norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1
-    squeeze / expand convs.
+    squeeze / expand convs. ``dropout_placement``, ``dropout_type``, ``noise_scale`` and the
+    penalties ``l1_penalty``, ``l2_penalty``, ``l1_activation_penalty`` and
+    ``l2_activation_penalty`` are those of :mod:`kanseg.layers.regularization`.
     """
     if spatial_dims not in (1, 2, 3):
         raise OptionError("spatial_dims", f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     conv_options = dict(basis_class(family).layer_defaults)
     conv_options.update({k: family_options.pop(k) for k in LAYER_OPTIONS if k in family_options})
+    penalties = {k: conv_options.pop(k) for k in PENALTY_OPTIONS if k in conv_options}
     ks = (kernel_size,) * spatial_dims if isinstance(kernel_size, int) else tuple(kernel_size)
     geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if bottleneck:
-        return KANBottleneckConv(
+        conv_options.pop("noise_scale", None)
+        for key, default in (("dropout_placement", "full"), ("dropout_type", "dropout")):
+            if conv_options.pop(key, default) != default:
+                raise OptionError(key, f"bottleneck KAN convs support {key}={default!r} only")
+        return attach_penalties(KANBottleneckConv(
             family, spatial_dims, in_channels, out_channels, kernel_size,
             dim_reduction=dim_reduction, min_internal=min_internal,
             basis_options=family_options, **geometry, **conv_options,
-        )
+        ), **penalties)
     if groups < 1 or in_channels % groups:
         raise OptionError("groups",
                           f"in_channels ({in_channels}) must be divisible by groups ({groups})")
     basis = create_basis(family, in_channels // groups, prod(ks), **family_options)
-    return KANConv(basis, spatial_dims, in_channels, out_channels, kernel_size, **geometry,
-                   **conv_options)
+    return attach_penalties(KANConv(basis, spatial_dims, in_channels, out_channels, kernel_size,
+                                    **geometry, **conv_options), **penalties)

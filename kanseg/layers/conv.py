@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .basis import Basis
-from .expansion import ExpandConv, autocast_dtype, expand
-from .factories import (conv_function, create_activation, create_dropout, create_norm,
-                        to_tuple)
+from .errors import OptionError
+from .expansion import ExpandConv, autocast_dtype, expand, expand_with_base
+from .factories import conv_function, create_activation, create_norm, to_tuple
+from .regularization import DROPOUT_PLACEMENTS, create_dropout_module
 from .strategy import STRATEGIES, block_diagonal, conv_strategy
 
 
@@ -28,7 +29,11 @@ class KANConv(nn.Module):
 
     ``conv_strategy`` picks how grouped convolutions run: ``"heuristic"`` (default,
     deterministic), ``"auto"`` (opt-in, timed once per shape), ``"grouped"`` or ``"dense"``;
-    see :mod:`kanseg.layers.strategy`.
+    see :mod:`kanseg.layers.strategy`. ``dropout_placement`` (``"full"``: the input of both
+    branches, ``"poly"``: the basis input only, ``"degree"``: each basis function) and
+    ``dropout_type`` (channel dropout or noise injection of scale ``noise_scale``) say what
+    ``dropout`` does; see :mod:`kanseg.layers.regularization`. In train mode, placements other
+    than ``"full"`` build the stack under autograd (no recompute).
     """
 
     def __init__(
@@ -46,6 +51,9 @@ class KANConv(nn.Module):
         activation: str | None = "silu",
         base_activation: str | None = "silu",
         dropout: float = 0.0,
+        dropout_placement: str = "full",
+        dropout_type: str = "dropout",
+        noise_scale: float = 0.05,
         affine: bool = True,
         recompute: bool = True,
         use_base: bool = True,
@@ -63,6 +71,9 @@ class KANConv(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if dropout_placement not in DROPOUT_PLACEMENTS:
+            raise OptionError("dropout_placement", f"dropout_placement must be one of "
+                              f"{DROPOUT_PLACEMENTS}, got {dropout_placement!r}")
         if conv_strategy not in STRATEGIES:
             raise ValueError(f"conv_strategy must be one of {STRATEGIES}, got {conv_strategy!r}")
         self.spatial_dims = spatial_dims
@@ -78,7 +89,8 @@ class KANConv(nn.Module):
         self.basis = basis
         has_base = use_base and basis.use_base
         self.base_activation = create_activation(base_activation) if has_base else None
-        self.dropout = create_dropout(spatial_dims, dropout)
+        self.dropout_placement = dropout_placement
+        self.dropout = create_dropout_module(spatial_dims, dropout, dropout_type, noise_scale)
 
         in_per_group = in_channels // groups
         kshape = (out_channels,) + (in_per_group,) + self.kernel_size
@@ -113,6 +125,17 @@ class KANConv(nn.Module):
         """Expanded per-channel stack fed to the fused convolution."""
         return expand(x, self.basis, self.base_activation)
 
+    def expand_with_dropout(self, x: Tensor) -> Tensor:
+        """The stack with dropout on the basis input (``"poly"``) or on each basis function
+        (``"degree"``), the base branch seeing ``x`` itself; under autograd, so that backward
+        sees the forward's dropout mask."""
+        if self.dropout_placement == "poly":
+            terms = self.basis.terms(self.dropout(x))
+        else:
+            dropped = self.dropout(self.basis(x).flatten(1, 2))
+            terms = list(dropped.unflatten(1, (x.shape[1], self.basis.n_basis)).unbind(2))
+        return expand_with_base(x, terms, self.base_activation)
+
     def expansion_parameters(self) -> list[nn.Parameter]:
         """Parameters of the expansion (basis, then base activation), as :class:`_Expansion`
         orders them."""
@@ -141,10 +164,13 @@ class KANConv(nn.Module):
                 f"KANConv expected input of shape (B, {self.in_channels}, "
                 f"{', '.join(['*'] * self.spatial_dims)}), got {tuple(x.shape)}"
             )
-        if self.dropout is not None:
-            x = self.dropout(x)
+        dropout = self.dropout if self.training else None
+        if dropout is not None and self.dropout_placement == "full":
+            x = dropout(x)
         weight, groups = self.conv_weight(x)
-        if self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
+        if dropout is not None and self.dropout_placement != "full":
+            y = self.conv(self.expand_with_dropout(x), weight, groups)
+        elif self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
             y = ExpandConv.apply(x, weight, self, groups, *self.expansion_parameters())
         else:
             y = self.conv(self.expand(x), weight, groups)

@@ -6,9 +6,9 @@ KACN (1D/2D/3D, groups, instance or batch norm, affine or not), FastKAN (its def
 norm), KAN B-splines (equal per-group PReLUs) and ReLU-KAN; the ``kans/`` linear layers
 GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer, and the networks built from
 them (KAGN, KALN, KACN, KAJN, KAN). Anything else is refused with the list of what is
-covered. Deliberate exceptions: KABN (torch-conv-kan's basis is all ones; ours is the
-Bernstein basis it intends) and WavKAN (one scale and shift per input-output pair there, a
-bank per input channel here). Not yet covered: attention, focal-modulation and MoE layers,
+covered. WavKAN convs, WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
+Deliberate exception: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis
+it intends). Not yet covered: attention, focal-modulation and MoE layers,
 and whole conv models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
@@ -25,6 +25,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from kanseg.layers import ACTIVATIONS, KANConv, KANLinear, create_kan_conv
 
+from .convert_wavkan import convert_wavkan_conv, convert_wavkan_linear
 from .torch_conv_kan import layer_state_to_ours, norm_state_to_ours
 
 #: torch-conv-kan conv base class -> our family
@@ -225,6 +226,8 @@ _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "ReLUConvNDLayer": _convert_relukan,
     **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
     **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN")},
+    "WavKANConvNDLayer": convert_wavkan_conv, "WavKANLayer": convert_wavkan_linear,
+    "WavKAN": _convert_mlp,
 }
 
 

@@ -1,0 +1,85 @@
+"""torch-conv-kan's WavKAN layers -> ours, with the same weights (registered in
+:mod:`kanseg.models.convert`).
+
+WavKAN gives each (output o, input i) pair its own wavelet psi((x_i - t_oi) / s_oi), convolves
+each output's wavelets over the inputs with a kernel K_o (``wavelet_weights``: one conv per
+output, one grouped conv, or a conv of one more dimension, for the ``base``, ``fast`` and
+``fast_plus_one`` versions, which compute the same thing) and mixes outputs with a 1x1 conv
+W (``wavelet_out``): y_p = sum_o W_po sum_i K_oi * psi_oi(x_i). Ours is one wavelet basis with
+one wavelet per output (``n_wavelets`` = output channels per group, ``translation[i, o]`` =
+t_oi) and the basis weight W_po K_oi at expanded channel ``i * n + o``. The ``kans/``
+``WavKANLayer`` (y_o = sum_i w_oi psi_oi(x_i)) is the same with a diagonal W and kernel 1.
+WavKAN drops the wavelet branch's input only: ``dropout_placement="poly"`` here. Our basis
+shares its wavelets across groups, so grouped layers convert when their groups' scales and
+translations are equal (as initialised); otherwise ValueError.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kanseg.layers import KANConv, KANLinear, create_kan_conv
+
+from . import convert
+from .torch_conv_kan import norm_state_to_ours
+
+
+def _in_out(parts: list[Tensor], name: str, where: str) -> Tensor:
+    """Our ``(in, out)`` wavelet parameter from WavKAN's per-group ``(1, out, in, 1...)`` ones,
+    which must be equal."""
+    pairs = [part.reshape(part.shape[1:3]) for part in parts]
+    if any(not torch.equal(pair, pairs[0]) for pair in pairs[1:]):
+        raise ValueError(f"{where}: the groups' wavelet {name}s differ; only groups with equal "
+                         "scales and translations convert (our wavelet basis is shared by the "
+                         "groups)")
+    return pairs[0].t()
+
+
+def _wavelet_weight(wavelet_conv: nn.Module, ndim: int) -> Tensor:
+    """``W_po K_oi`` of one group as our ``(out, in * out, *kernel)`` basis weight."""
+    kernels = wavelet_conv.wavelet_weights
+    if isinstance(kernels, nn.ModuleList):  # "base": one (1, in, *k) conv per output
+        k = torch.cat([conv.weight for conv in kernels])
+    else:  # "fast": (out, in, *k); "fast_plus_one": (out, 1, in, *k)
+        k = kernels.weight.flatten(1, 2) if kernels.weight.dim() == ndim + 3 else kernels.weight
+    mix = wavelet_conv.wavelet_out.weight.flatten(1)  # (out, out)
+    weight = torch.einsum("po,oi...->pio...", mix, k)
+    return weight.flatten(1, 2)
+
+
+def convert_wavkan_conv(module: nn.Module) -> KANConv:
+    """``WavKANConv{1,2,3}DLayer`` (every wavelet and version) -> our ``wavkan`` KANConv."""
+    name = type(module).__name__
+    norm, affine = convert._norm_option(module.layer_norm[0], name)
+    groups, n = module.groups, module.outdim // module.groups
+    ours = create_kan_conv(
+        "wavkan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
+        **convert._geometry(module), wavelet=module.wavelet_type, n_wavelets=n, norm=norm,
+        affine=affine, base_activation=convert._activation_name(module.base_activation, name),
+        dropout=convert._dropout(module), dropout_placement="poly")
+    parts = module.wavelet_conv
+    state = {
+        "base_weight": torch.cat([conv.weight for conv in module.base_conv]),
+        "basis_weight": torch.cat([_wavelet_weight(part, module.ndim) for part in parts]),
+        "basis.scale": _in_out([part.scale for part in parts], "scale", name),
+        "basis.translation": _in_out([part.translation for part in parts], "translation", name),
+        **norm_state_to_ours(module.state_dict(), groups),
+    }
+    ours.load_state_dict(state)
+    return ours
+
+
+def convert_wavkan_linear(module: nn.Module) -> KANLinear:
+    """``kans`` ``WavKANLayer`` -> our ``wavkan`` KANLinear (batch norm, SiLU base branch)."""
+    n_in, n_out = module.in_features, module.out_features
+    ours = KANLinear("wavkan", n_in, n_out, norm="batch", wavelet=module.wavelet_type,
+                     n_wavelets=n_out, base_activation="silu")
+    weights = module.wavelet_weights  # (out p, in i); output p uses wavelet p only
+    basis_weight = weights.unsqueeze(-1) * torch.eye(n_out, dtype=weights.dtype).unsqueeze(1)
+    ours.layer.load_state_dict({
+        "base_weight": module.weight1.unsqueeze(-1),
+        "basis_weight": basis_weight.reshape(n_out, -1, 1),
+        "basis.scale": module.scale.t(), "basis.translation": module.translation.t(),
+        **{f"norm.{key}": value for key, value in module.bn.state_dict().items()},
+    })
+    return ours
