@@ -16,7 +16,7 @@ from kanseg.schema import from_dict
 
 from .methods import METHODS
 from .methods import tuner
-from .methods.common import AdapterConfig, release_norm_statistics
+from .methods.common import AdapterConfig, kan_layers, release_norm_statistics
 
 
 def method_config(method: str, options: dict[str, Any] | AdapterConfig | None = None) -> AdapterConfig:
@@ -51,6 +51,11 @@ def merge(prepared: nn.Module) -> nn.Module:
     if not tuner.adapter_layers(prepared):
         raise ValueError("merge: the model has no kanpeft adapters (prepare() it first)")
     return tuner.merge_model(prepared)
+
+
+def kan_layer_names(model: nn.Module) -> list[str]:
+    """Names of the KAN layers a method can adapt (what ``target_modules`` patterns match)."""
+    return [name for name, _ in kan_layers(model)]
 
 
 BASE_FILE = "kanpeft_base.json"

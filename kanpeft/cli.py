@@ -20,7 +20,8 @@ methods:
 
 commands:
   finetune   fine-tune a backbone on a classification or segmentation task from a YAML config
-  merge      fold a saved adapter into its backbone and write the plain model
+  merge      fold a saved adapter into its backbone and write the plain model, or an
+             adapted kanseg run (kanseg train with a peft: section) into a plain run
   methods    list the methods with their trainable-parameter counts for a backbone
 """
 
@@ -28,6 +29,7 @@ EPILOG = """\
 examples:
   kanpeft finetune --config configs/peft_pneumonia.yaml --set peft.method=lora
   kanpeft merge --adapter runs/peft_pneumonia/adapter --output runs/peft_pneumonia/merged
+  kanpeft merge runs/hippo_scales --output runs/hippo_scales_merged
   kanpeft methods --backbone runs/backbones/vgg_kagn11_ct --num-classes 2
 
 Set KANPEFT_DEBUG=1 to see full tracebacks instead of short error messages.
@@ -55,14 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="merge an adapter into its backbone", formatter_class=fmt,
                         description="Rebuild the fine-tuned model (from finetune.yaml beside the "
                         "adapter, or the bare --backbone), load the adapter, fold it into plain "
-                        "KAN layers (extra degrees become a higher degree) and write the model.",
-                        epilog="example:\n  kanpeft merge --adapter runs/peft/adapter "
-                        "--output runs/peft/merged")
-    mg.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + "
+                        "KAN layers (extra degrees become a higher degree) and write the model. "
+                        "With RUN_DIR, a kanseg run adapted with a peft: section (kanseg train "
+                        "--init-from) becomes a plain run folder that kanseg infer / export take.",
+                        epilog="examples:\n  kanpeft merge --adapter runs/peft/adapter "
+                        "--output runs/peft/merged\n  kanpeft merge runs/hippo_scales --output "
+                        "runs/hippo_scales_merged")
+    mg.add_argument("run", nargs="?", metavar="RUN_DIR", help="an adapted kanseg run folder "
+                    "(instead of --adapter); its base is the one recorded in RUN_DIR/peft.json")
+    mg.add_argument("--adapter", help="adapter folder (adapter_config.json + "
                     "adapter_model.safetensors)")
     mg.add_argument("--backbone", help="backbone checkpoint folder or hub id (overrides the "
-                    "one recorded in finetune.yaml)")
-    mg.add_argument("--output", required=True, help="folder for the merged model")
+                    "one recorded in finetune.yaml); with RUN_DIR, the base run or weights "
+                    "file (overrides the one recorded in peft.json)")
+    mg.add_argument("--output", required=True, help="folder for the merged model (run)")
     mg.add_argument("--force", action="store_true", help="merge even when the backbone's "
                     "weights are not the base the adapter was trained on")
 
@@ -90,6 +98,14 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if (args.run is None) == (args.adapter is None):
+        raise ValueError("give either RUN_DIR (an adapted kanseg run) or --adapter")
+    if args.run is not None:
+        from .segmentation_runs import merge_run
+
+        out = merge_run(args.run, args.output, args.backbone, force=args.force)
+        print(f"merged run written to {out} (kanseg infer --checkpoint {out} ...)")
+        return 0
     from .tasks import merge_adapter
 
     out = merge_adapter(args.adapter, args.output, args.backbone, force=args.force)

@@ -1,5 +1,5 @@
 """The typed schema of kanseg YAML configs: ``data``, ``model``, ``trainer``, ``loss``,
-``inference``; loading with ``--set a.b=v`` overrides, and saving the resolved config.
+``inference``, ``peft``; loading with ``--set a.b=v`` overrides, and saving the resolved config.
 
 ``model`` is ``{name: <registered model>, <constructor kwargs>...}``; its kwargs are checked by
 building the model, so an unknown or bad option is reported as ``model.<key>``.
@@ -19,7 +19,7 @@ from .files import atomic_write_text
 from .engine.config import LossConfig, TrainerConfig
 from .schema import ConfigError, from_dict, to_dict
 
-SECTIONS = ("data", "model", "trainer", "loss", "inference")
+SECTIONS = ("data", "model", "trainer", "loss", "inference", "peft")
 
 
 @dataclass
@@ -62,6 +62,22 @@ class InferenceConfig:
 
 
 @dataclass
+class PeftConfig:
+    """Parameter-efficient adaptation (kanpeft) of the network that ``trainer.init_from`` loads.
+
+    ``method``: null (no PEFT: every parameter trains), ``basis``, ``scales`` or ``lora``.
+    ``options``: the method's options (``target_modules``: regexes of the KAN layers to adapt,
+    null = all; ``train_norm``; ``r`` / ``alpha`` of lora; ``degrees`` / ``extra_degrees`` of
+    basis; ``base`` / ``basis`` / ``degree`` / ``shift`` of scales). ``trainable``: modules that
+    train in full, e.g. ``[heads, decoder]``.
+    """
+
+    method: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """A whole kanseg config."""
 
@@ -70,6 +86,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     @property
     def roi_size(self) -> list[int]:
@@ -92,7 +109,12 @@ def config_from_dict(raw: Any, validate_model: bool = True) -> Config:
         trainer=from_dict(TrainerConfig, raw.get("trainer"), "trainer"),
         loss=from_dict(LossConfig, raw.get("loss"), "loss"),
         inference=from_dict(InferenceConfig, raw.get("inference"), "inference"),
+        peft=from_dict(PeftConfig, raw.get("peft"), "peft"),
     )
+    if cfg.peft.method is not None:  # the method and its options, errors naming peft.<key>
+        from kanpeft.segmentation_runs import check_peft_config
+
+        check_peft_config(cfg.peft)
     _check_consistency(cfg)
     if validate_model:
         check_model(cfg.model)

@@ -89,8 +89,14 @@ def find_checkpoint(checkpoint: str | Path, config: str | Path | None = None) ->
 
 
 def build_model(cfg: Any) -> nn.Module:
-    """The network described by the config's ``model`` section (random weights)."""
-    return cfg.model.build()
+    """The network described by the config's ``model`` section (random weights), with the
+    adapters of its ``peft`` section when the run was adapted (its checkpoints hold both)."""
+    model = cfg.model.build()
+    if cfg.peft.method:
+        from kanpeft.segmentation_runs import adapt
+
+        model = adapt(model, cfg.peft)
+    return model
 
 
 def load_model(weights: str | Path, cfg: Any) -> nn.Module:
@@ -107,6 +113,10 @@ def load_model(weights: str | Path, cfg: Any) -> nn.Module:
     except RuntimeError as err:
         raise InferenceError(f"weights {weights} do not fit model {cfg.model.name!r} of the "
                              f"config: {str(err).splitlines()[0]} ...") from None
+    if cfg.peft.method:  # fold the adapters in: a plain network of the original classes
+        from kanpeft.api import merge
+
+        model = merge(model)
     return model.eval()
 
 

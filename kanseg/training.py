@@ -73,7 +73,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = None,
 
 
 def _train(cfg: Config, run_dir: Path, resume: str | Path | None, check: bool) -> TrainState:
-    """Check the data, build loaders/model/loss/validator and train into ``run_dir``."""
+    """Check the data, build loaders/model/loss/validator and train into ``run_dir``; with a
+    ``peft`` section, adapt the network loaded from ``trainer.init_from`` (kanpeft)."""
+    if cfg.peft.method and not cfg.trainer.init_from:
+        raise ConfigError(f"peft.method={cfg.peft.method} adapts a pretrained network: give it "
+                          "with --init-from RUN (trainer.init_from)")
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, main=_is_main())
     if check:
@@ -91,18 +95,28 @@ def _train(cfg: Config, run_dir: Path, resume: str | Path | None, check: bool) -
     inf = cfg.inference
     validator = SegmentationValidator(val_loader, names, spec.activation, cfg.roi_size,
                                       inf.sw_batch_size, inf.overlap, inf.mode, inf.threshold)
+    base = None  # (weights file, what was loaded) of a fresh start from trainer.init_from
     if cfg.trainer.init_from and resume is None:
-        initialise(model, cfg.trainer.init_from, cfg.trainer.init_strict)
+        base = initialise(model, cfg.trainer.init_from, cfg.trainer.init_strict)
+    if cfg.peft.method:  # base is None when resuming: the checkpoint holds base and adapter
+        from kanpeft.segmentation_runs import save_run_adapter, start_adapted
+
+        model = start_adapted(model, cfg, run_dir, base, _is_main())
     n_params = sum(p.numel() for p in model.parameters())
     log.info("run folder %s: %s (%.2f M parameters), %d train / %d val cases", run_dir,
              cfg.model.name, n_params / 1e6, len(train_loader.dataset), len(val_loader.dataset))
     trainer = Trainer(model, loss, train_loader, cfg.trainer, run_dir, validate=validator)
-    return trainer.fit(resume=resume)
+    state = trainer.fit(resume=resume)
+    if cfg.peft.method and _is_main():
+        save_run_adapter(model, run_dir)
+    return state
 
 
-def initialise(model: nn.Module, source: str | Path, strict: bool = False) -> InitReport:
+def initialise(model: nn.Module, source: str | Path,
+               strict: bool = False) -> tuple[Path, InitReport]:
     """Load the matching tensors of ``source`` (a run folder: its best checkpoint, else its last;
-    a checkpoint folder; or a safetensors file) into ``model`` and log what was not loaded."""
+    a checkpoint folder; or a safetensors file) into ``model`` and log what was not loaded.
+    Returns the weights file and the report."""
     path = Path(source).expanduser()
     try:
         weights = path if path.is_file() else resolve(path, prefer="best") / WEIGHTS
@@ -114,7 +128,7 @@ def initialise(model: nn.Module, source: str | Path, strict: bool = False) -> In
     except ValueError as err:
         raise ConfigError(f"trainer.init_from ({weights}): {err}") from None
     log.info("initialised from %s: %s", weights, report.summary())
-    return report
+    return weights, report
 
 
 def _is_main() -> bool:

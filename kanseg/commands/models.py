@@ -40,7 +40,8 @@ examples:
 
 SOURCE is a run folder (or a model.safetensors inside one; its config.yaml is found above
 it or given with --config), or a folder written by kanseg.models.save_model (config.json +
-model.safetensors). The network is traced on a random input of --batch x in_channels x
+model.safetensors). A run adapted with a peft: section is exported with its adapter merged
+into the network. The network is traced on a random input of --batch x in_channels x
 --input-size (default: the run's inference.roi_size or data.patch_size). The exported graph
 has a dynamic batch axis (ONNX) and fixed spatial size: run it on sliding windows of that
 size. After export the file is run on the example input and compared with eager PyTorch
