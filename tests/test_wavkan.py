@@ -109,3 +109,17 @@ def test_wavkan_mlp_converts(tck):
     _randomise(ref)
     ours = _check_equal(ref, torch.randn(4, 6), nn.Sequential)
     assert [type(m) for m in ours] == [nn.Dropout, KANLinear, nn.Dropout, KANLinear]
+
+
+def test_wavkan_conv_matches_in_train_mode_too(tck):
+    """Batch statistics and gradients of the input agree as well (no dropout)."""
+    torch.manual_seed(6)
+    ref = _wavkan_conv(tck, 2, wavelet_type="morlet", groups=2)
+    _randomise(ref)
+    ours = convert_torch_conv_kan(ref.train())
+    assert ours.training
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    y_ours, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-4, atol=1e-4)
+    grads = [torch.autograd.grad(y.square().sum(), x)[0] for y in (y_ours, y_ref)]
+    torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-4)
