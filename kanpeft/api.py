@@ -138,10 +138,6 @@ class TrainableReport:
     def ratio(self) -> float:
         return self.trainable / self.total if self.total else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"trainable": self.trainable, "total": self.total, "ratio": self.ratio,
-                "layers": {n: {"trainable": t, "total": a} for n, t, a in self.rows}}
-
     def __str__(self) -> str:
         width = max([len(n) for n, _, _ in self.rows] + [5])
         lines = [f"{'layer':<{width}}  {'trainable':>11}  {'total':>11}  {'ratio':>7}"]

@@ -8,8 +8,9 @@ import sys
 from typing import Sequence
 
 DESCRIPTION = """\
-Parameter-efficient fine-tuning of pretrained KAN backbones (VGG-KAN / ResKANet, e.g. a
-torch-conv-kan checkpoint such as brivangl/vgg_kagn_bn11_v4 or a local checkpoint folder).
+Parameter-efficient fine-tuning of pretrained KAN backbones: a kanseg run, checkpoint or model
+folder (VGG-KAN, ResKANet 18/34/50, UKANet...) or a torch-conv-kan checkpoint (a folder, a
+state-dict file, or a hub id such as brivangl/vgg_kagn_bn11_v4).
 
 methods:
   basis    trainable deltas on the basis weights of chosen degrees (+ new zero-initialised
@@ -31,6 +32,7 @@ examples:
   kanpeft merge --adapter runs/peft_pneumonia/adapter --output runs/peft_pneumonia/merged
   kanpeft merge runs/hippo_scales --output runs/hippo_scales_merged
   kanpeft methods --backbone runs/backbones/vgg_kagn11_ct --num-classes 2
+  kanpeft methods --backbone runs/hippocampus --num-classes 3
 
 Set KANPEFT_DEBUG=1 to see full tracebacks instead of short error messages.
 """
@@ -76,17 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list methods with trainable-parameter counts",
                         formatter_class=fmt,
-                        description="Build a classifier from the backbone with a new head and "
-                        "count the trainable parameters of every method with default options.",
+                        description="Give the backbone a new output (a classifier's head, a "
+                        "segmentation network's output layers) and count the trainable "
+                        "parameters of every method with default options.",
                         epilog="example:\n  kanpeft methods --backbone brivangl/vgg_kagn11_v2")
-    me.add_argument("--backbone", required=True, help="checkpoint folder or hub id")
-    me.add_argument("--num-classes", type=int, default=2, help="classes of the new head")
+    me.add_argument("--backbone", required=True, help="kanseg run, checkpoint or model folder, "
+                    "or torch-conv-kan checkpoint folder, file or hub id")
+    me.add_argument("--num-classes", type=int, default=2, help="classes of the new output")
     me.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .tasks import finetune, load_config
+    from .config import load_config
+    from .tasks import finetune
 
     cfg = load_config(args.config, args.overrides)
     results = finetune(cfg, args.output)

@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from kanpeft.cli import main as kanpeft_main
-from kanpeft.tasks import classification_metrics, classification_split, load_config
+from kanpeft.config import load_config
+from kanpeft.data import classification_split
+from kanpeft.metrics import classification_metrics
 from kanseg.models.torch_conv_kan import load_torch_conv_kan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kanpeft.tasks import ClassificationValidator
+from kanpeft.metrics import ClassificationValidator
 from kanseg.engine.config import TrainerConfig
 from kanseg.engine.trainer import Trainer, seed_everything
 from kanseg.models import create_model

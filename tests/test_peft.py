@@ -186,3 +186,27 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="no module named 'head'"):
         kanpeft.prepare(nn.Sequential(make_layer("kagn", 2, False)), "scales",
                         trainable_modules=["head"])
+
+
+def autograd_nodes(output: torch.Tensor) -> set[str]:
+    """Class names of the autograd nodes that produced ``output``."""
+    names, seen, stack = set(), set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("method, options", [("basis", {"degrees": [1], "extra_degrees": 1}),
+                                             ("scales", {}), ("lora", {"r": 2})])
+def test_adapters_run_the_layers_own_fused_forward(method, options):
+    """The adapted layer's graph is the layer's ``ExpandConv`` (one fused conv over the
+    expansion), not a second implementation with convolutions of its own."""
+    layer = make_layer("kagn", 2, False, norm="instance").train()
+    prepared = kanpeft.prepare(nn.Sequential(copy.deepcopy(layer)), method, **options)
+    nodes = autograd_nodes(prepared(torch.randn(2, 4, 6, 6, requires_grad=True)))
+    assert "ExpandConvBackward" in nodes and "ConvolutionBackward0" not in nodes, nodes

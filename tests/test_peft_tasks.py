@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 import kanpeft
 from kanpeft.cli import main
-from kanpeft.tasks import (FinetuneConfig, build_task, classification_split, finetune,
-                           load_config, merge_adapter)
+from kanpeft.config import FinetuneConfig, load_config
+from kanpeft.data import classification_split
+from kanpeft.tasks import build_task, finetune, merge_adapter
 from kanseg.models import create_model
 from kanseg.models.torch_conv_kan import load_torch_conv_kan, save_torch_conv_kan
 from kanseg.schema import ConfigError

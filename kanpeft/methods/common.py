@@ -1,19 +1,18 @@
 """Pieces shared by the kanpeft methods: finding KAN layers, freezing, and running a KAN layer
-with substituted weights (the adapters compute effective weights, then call :func:`kan_forward`).
+with substituted tensors (the adapters compute effective weights, then call :func:`call_layer`,
+which runs the layer's own forward; :func:`merged_copy` writes the same tensors into a copy).
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 from kanseg.layers import KANBottleneckConv, KANConv
-from kanseg.layers import conv_function
 
 KAN_LAYER_TYPES = (KANConv, KANBottleneckConv)
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -102,68 +101,51 @@ def release_norm_statistics(model: nn.Module) -> None:
             del hooks[key]
 
 
-def kan_preactivation(layer: KANConv, x: Tensor, base_weight: Tensor | None,
-                      basis_weight: Tensor, basis: nn.Module,
-                      basis_params: dict[str, Tensor] | None = None) -> Tensor:
-    """``conv(base_act(x), base_weight) + conv(basis(x), basis_weight)`` of a KANConv (no norm),
-    with any of the weights or the basis module replaced. ``basis_params`` overrides the basis
-    module's parameters (``torch.func.functional_call``)."""
-
-    def conv(inp: Tensor, weight: Tensor) -> Tensor:
-        return conv_function(layer.spatial_dims)(inp, weight, None, layer.stride, layer.padding,
-                                            layer.dilation, layer.groups)
-
-    def branches(inp: Tensor) -> Tensor:
-        expanded = (functional_call(basis, basis_params, (inp,)) if basis_params
-                    else basis(inp)).flatten(1, 2)
-        y = conv(expanded, basis_weight)
-        if base_weight is not None:
-            y = y + conv(layer.base_activation(inp), base_weight)
-        return y
-
-    if layer.recompute and torch.is_grad_enabled():
-        return checkpoint(branches, x, use_reentrant=False)
-    return branches(x)
+def _view(module: nn.Module, replace: Mapping[str, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` that shares its parameters, buffers and submodules except the
+    submodules named (dotted) in ``replace``; ``module`` itself is not changed."""
+    view = copy.copy(module)
+    view._modules = dict(module._modules)
+    view._parameters = dict(module._parameters)
+    for name, new in replace.items():
+        head, _, rest = name.partition(".")
+        view._modules[head] = _view(view._modules[head], {rest: new}) if rest else new
+    return view
 
 
-def kan_forward(layer: nn.Module, x: Tensor, *, base_weight: Tensor | None = None,
-                basis_weight: Tensor | None = None, basis: nn.Module | None = None,
-                basis_params: dict[str, Tensor] | None = None,
-                out_proj_weight: Tensor | None = None,
-                post_norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Forward of a :class:`KANConv` or :class:`KANBottleneckConv` with substituted weights.
+def call_layer(layer: nn.Module, x: Tensor, tensors: Mapping[str, Tensor],
+               modules: Mapping[str, nn.Module] | None = None) -> Tensor:
+    """The layer's own forward on ``x`` with ``tensors`` (dotted parameter names, e.g.
+    ``basis_weight``, ``core.basis.beta_weights``, ``norm.bias``) substituted by
+    :func:`torch.func.functional_call`, and the submodules ``modules`` (e.g. a basis with more
+    degrees) swapped in a shallow view of the layer. KAN convolutions thus run on their fused
+    ``ExpandConv`` path (recompute, analytic backward, conv strategy)."""
+    if modules:
+        layer = _view(layer, modules)
+    return functional_call(layer, dict(tensors), (x,))
 
-    ``basis_weight``/``basis``/``basis_params`` refer to the basis branch (a bottleneck's core);
-    ``post_norm`` is applied between the norm and the activation.
-    """
-    if layer.dropout is not None:
-        x = layer.dropout(x)
-    if isinstance(layer, KANBottleneckConv):
-        core = layer.core
-        inner = kan_preactivation(
-            core, layer.inner_proj(x), None,
-            core.basis_weight if basis_weight is None else basis_weight,
-            core.basis if basis is None else basis, basis_params)
-        proj = layer.out_proj
-        y = proj._conv_forward(inner, proj.weight if out_proj_weight is None else out_proj_weight,
-                               None)
-        y = y + conv_function(layer.spatial_dims)(layer.base_activation(x),
-                     layer.base_weight if base_weight is None else base_weight,
-                     None, layer.stride, layer.padding, layer.dilation, layer.groups)
-    else:
-        y = kan_preactivation(
-            layer, x, layer.base_weight if base_weight is None else base_weight,
-            layer.basis_weight if basis_weight is None else basis_weight,
-            layer.basis if basis is None else basis, basis_params)
-    y = layer.norm(y)
-    if post_norm is not None:
-        y = post_norm(y)
-    return layer.act(y)
+
+def merged_copy(layer: nn.Module, tensors: Mapping[str, Tensor],
+                modules: Mapping[str, nn.Module] | None = None) -> nn.Module:
+    """A deep copy of ``layer`` with copies of ``modules`` set and ``tensors`` written as its
+    parameters: the plain layer that computes what :func:`call_layer` computes."""
+    merged = copy.deepcopy(layer)
+    for name, module in (modules or {}).items():
+        set_submodule(merged, name, copy.deepcopy(module))
+    for name, value in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(merged.get_submodule(owner), leaf, nn.Parameter(value.detach().clone()))
+    return merged
 
 
 def basis_conv(layer: nn.Module) -> KANConv:
     """The KANConv holding the basis branch: the layer itself or a bottleneck's core."""
     return layer.core if isinstance(layer, KANBottleneckConv) else layer
+
+
+def basis_prefix(layer: nn.Module) -> str:
+    """The name prefix of :func:`basis_conv` inside ``layer`` (``""`` or ``"core."``)."""
+    return "core." if isinstance(layer, KANBottleneckConv) else ""
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

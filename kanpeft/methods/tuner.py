@@ -13,18 +13,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kanseg.files import atomic_write
+from kanseg.files import atomic_write, atomic_write_text
 from kanseg.schema import from_dict, to_dict
 
-from .common import (AdapterConfig, freeze_except, kan_layers, norm_module_names,
-                     release_norm_statistics, set_submodule)
+from .common import (AdapterConfig, call_layer, freeze_except, kan_layers, merged_copy,
+                     norm_module_names, release_norm_statistics, set_submodule)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class AdapterLayer(nn.Module):
-    """Base class of the wrapper layers: ``base_layer`` stays frozen and untouched."""
+    """Base class of the wrapper layers: ``base_layer`` stays frozen and untouched.
+
+    A method gives :meth:`substitutions`, the effective tensors (and modules) that replace the
+    base layer's; the forward runs the base layer's own forward with them and the merge writes
+    them into a copy of it, so the two agree by construction."""
 
     method: str = ""
 
@@ -33,9 +37,17 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.config = config
 
-    def merged_layer(self) -> nn.Module:  # pragma: no cover - abstract
-        """A plain layer of the base layer's class with the adapter folded in."""
+    def substitutions(self) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+        """``(tensors, modules)`` by dotted name in ``base_layer`` (see :func:`call_layer`)."""
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return call_layer(self.base_layer, x, *self.substitutions())
+
+    def merged_layer(self) -> nn.Module:
+        """A plain layer of the base layer's class with the adapter folded in."""
+        with torch.no_grad():
+            return merged_copy(self.base_layer, *self.substitutions())
 
     def signature(self) -> dict[str, Any]:
         """What an adapter trained on this layer expects of it: class and weight shapes."""
@@ -112,8 +124,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         "config": to_dict(config),
         "layers": {name or "<root>": layer.signature() for name, layer in layers},
     }
-    atomic_write(directory / CONFIG_NAME,
-                  lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(adapter_state(model), p))
     return directory
 

@@ -59,7 +59,17 @@ class ResKANet(nn.Module):
             self.feature_channels.append(out)
             channels = out
         self.feature_strides = [2, 4, 8, 16, 32]
-        self.head = (nn.Sequential(nn.Dropout(dropout_linear), nn.Linear(channels, num_classes))
+        self._head_args = (channels, dropout_linear)
+        self.reset_classifier(num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        """The head (``nn.Identity`` when there is none)."""
+        return self.head if self.head is not None else nn.Identity()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
+        channels, dropout = self._head_args
+        self.head = (nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
                      if num_classes else None)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:

@@ -96,22 +96,31 @@ class VGGKAN(nn.Module):
         self.feature_strides = [2**i for i in range(len(self.feature_channels))]
         self.avgpool = nn.AdaptiveAvgPool2d(self.expected_feature_shape)
         flat = channels * prod(self.expected_feature_shape)
+        self._head_args = (head_type, flat, dropout_linear, family, family_options)
+        self.reset_classifier(num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        """The head (``nn.Identity`` when there is none)."""
+        return self.classifier if self.classifier is not None else nn.Identity()
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
+        head_type, flat, dropout, family, options = self._head_args
         if head_type is None or num_classes == 0:
             self.classifier = None
         elif head_type == "Linear":
-            self.classifier = nn.Sequential(nn.Dropout(dropout_linear),
-                                            nn.Linear(flat, num_classes))
+            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(flat, num_classes))
         elif head_type == "KAN":
-            self.classifier = nn.Sequential(nn.Dropout(dropout_linear),
-                                            KANLinear(family, flat, num_classes, **family_options))
+            self.classifier = nn.Sequential(nn.Dropout(dropout),
+                                            KANLinear(family, flat, num_classes, **options))
         elif head_type == "HiddenKAN":
             self.classifier = nn.Sequential(
-                nn.Dropout(dropout_linear), KANLinear(family, flat, 512, **family_options),
-                nn.Dropout(dropout_linear), nn.Linear(512, num_classes))
+                nn.Dropout(dropout), KANLinear(family, flat, 512, **options),
+                nn.Dropout(dropout), nn.Linear(512, num_classes))
         else:
             self.classifier = nn.Sequential(
-                nn.Linear(flat, 1024), nn.ReLU(True), nn.Dropout(dropout_linear),
-                nn.Linear(1024, 1024), nn.ReLU(True), nn.Dropout(dropout_linear),
+                nn.Linear(flat, 1024), nn.ReLU(True), nn.Dropout(dropout),
+                nn.Linear(1024, 1024), nn.ReLU(True), nn.Dropout(dropout),
                 nn.Linear(1024, num_classes),
             )
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from kanseg.layers import Basis
 
-from ..common import basis_conv, kan_forward
+from ..common import basis_conv, basis_prefix
 from ..tuner import AdapterLayer
 from .config import BasisConfig
 
@@ -117,17 +117,11 @@ class BasisLayer(AdapterLayer):
             w = torch.cat([w, self.extra_weight], dim=2)
         return w.flatten(1, 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return kan_forward(self.base_layer, x, basis_weight=self.effective_basis_weight(),
-                           basis=self._basis(), basis_params=self.effective_basis_params())
-
-    def merged_layer(self) -> nn.Module:
-        merged = copy.deepcopy(self.base_layer)
-        core = basis_conv(merged)
-        with torch.no_grad():
-            if self.work_basis is not None:
-                core.basis = copy.deepcopy(self.work_basis)
-            for name, value in self.effective_basis_params().items():
-                core.basis.get_parameter(name).copy_(value)
-            core.basis_weight = nn.Parameter(self.effective_basis_weight().detach().clone())
-        return merged
+    def substitutions(self) -> tuple[dict[str, Tensor], dict[str, nn.Module]]:
+        """The effective basis weight and shape parameters, and the extended basis (if any)."""
+        prefix = basis_prefix(self.base_layer)
+        tensors = {f"{prefix}basis_weight": self.effective_basis_weight()}
+        tensors.update({f"{prefix}basis.{name}": value
+                        for name, value in self.effective_basis_params().items()})
+        modules = {f"{prefix}basis": self.work_basis} if self.work_basis is not None else {}
+        return tensors, modules

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kanseg.layers import KANConv
 
-from ..common import kan_forward
+from ..common import call_layer
 
 
 class LoraKANConv(nn.Module, LoraLayer):
@@ -82,10 +82,11 @@ class LoraKANConv(nn.Module, LoraLayer):
         adapters = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not adapters:
             return layer(x)
-        delta = sum(self.get_delta_weight(a) for a in adapters)
-        base, basis = self._split(delta)
-        return kan_forward(layer, x, basis_weight=layer.basis_weight + basis,
-                           base_weight=None if base is None else layer.base_weight + base)
+        base, basis = self._split(sum(self.get_delta_weight(a) for a in adapters))
+        tensors = {"basis_weight": layer.basis_weight + basis}
+        if base is not None:
+            tensors["base_weight"] = layer.base_weight + base
+        return call_layer(layer, x, tensors)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

@@ -1,18 +1,16 @@
 """Adapter scales for one KAN layer: per-channel / per-degree scales and a post-norm shift.
 
-Every scale multiplies a weight slice, so merging writes the scaled weights; the shift sits
-after the norm and folds into the norm's bias. The merge is therefore exact.
+Every scale multiplies a weight slice and the shift sits after the norm, in the norm's bias:
+forward and merge substitute the same tensors, so the merge is exact.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import Tensor, nn
 
 from kanseg.layers import KANBottleneckConv
 
-from ..common import basis_conv, kan_forward
+from ..common import basis_conv, basis_prefix
 from ..tuner import AdapterLayer
 from .config import ScalesConfig
 
@@ -58,36 +56,20 @@ class ScalesLayer(AdapterLayer):
                 )
             self.shift = nn.Parameter(torch.zeros_like(bias))
 
-    def _weights(self) -> dict[str, Tensor]:
-        """Effective weights to substitute in :func:`kan_forward` (and to write when merging)."""
+    def substitutions(self) -> tuple[dict[str, Tensor], dict[str, nn.Module]]:
+        """Scaled weights, and the shift folded into the norm's bias (the shift follows the
+        norm, so ``norm(y) + shift`` is the norm with bias ``bias + shift``)."""
         layer = self.base_layer
-        core = basis_conv(layer)
-        weights = {"basis_weight": scale_degrees(core.basis_weight, self.degree_scale)}
-        if self.base_scale is not None:
-            weights["base_weight"] = scale_rows(layer.base_weight, self.base_scale)
+        prefix = basis_prefix(layer)
+        basis_weight = scale_degrees(basis_conv(layer).basis_weight, self.degree_scale)
+        tensors = {}
         if isinstance(layer, KANBottleneckConv):
-            weights["out_proj_weight"] = scale_rows(layer.out_proj.weight, self.basis_scale)
+            tensors["out_proj.weight"] = scale_rows(layer.out_proj.weight, self.basis_scale)
         else:
-            weights["basis_weight"] = scale_rows(weights["basis_weight"], self.basis_scale)
-        return weights
-
-    def _post_norm(self, y: Tensor) -> Tensor:
-        return y + self.shift.view(1, -1, *([1] * (y.dim() - 2)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return kan_forward(self.base_layer, x, **self._weights(),
-                           post_norm=self._post_norm if self.shift is not None else None)
-
-    def merged_layer(self) -> nn.Module:
-        merged = copy.deepcopy(self.base_layer)
-        core = basis_conv(merged)
-        weights = {k: nn.Parameter(v.detach().clone()) for k, v in self._weights().items()}
-        core.basis_weight = weights["basis_weight"]
-        if "base_weight" in weights:
-            merged.base_weight = weights["base_weight"]
-        if "out_proj_weight" in weights:
-            merged.out_proj.weight = weights["out_proj_weight"]
+            basis_weight = scale_rows(basis_weight, self.basis_scale)
+        tensors[f"{prefix}basis_weight"] = basis_weight
+        if self.base_scale is not None:
+            tensors["base_weight"] = scale_rows(layer.base_weight, self.base_scale)
         if self.shift is not None:
-            with torch.no_grad():
-                merged.norm.bias.add_(self.shift)
-        return merged
+            tensors["norm.bias"] = layer.norm.bias + self.shift
+        return tensors, {}

@@ -1,0 +1,110 @@
+"""Benchmark a PEFT-adapted KAGN layer against the unadapted layer: forward + backward time.
+
+The unadapted layer trains every weight; each adapted copy (``kanpeft.prepare``) has a frozen
+base and a trainable adapter and runs the layer's own forward with substituted tensors. All
+run round-robin in the same process on one input that requires grad (as inside a network).
+The table gives the median milliseconds and the median per-round ratio to the unadapted layer.
+
+Run ``python benchmarks/peft_layer.py --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# run as a script, this folder comes first on sys.path, where benchmarks/peft.py would shadow
+# HF peft (which kanpeft imports)
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import kanpeft  # noqa: E402
+from kanseg.layers import create_kan_conv  # noqa: E402
+
+#: row name -> (method, options)
+ADAPTERS = {
+    "scales": ("scales", {}),
+    "lora r=4": ("lora", {"r": 4}),
+    "basis": ("basis", {"degrees": [1], "extra_degrees": 0}),
+    "basis +1 degree": ("basis", {"degrees": [1], "extra_degrees": 1}),
+}
+
+
+def candidates(dims: int, channels: int, degree: int, bottleneck: bool) -> dict[str, nn.Module]:
+    """The unadapted KAGN layer and one adapted copy per row of :data:`ADAPTERS`."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(create_kan_conv("kagn", dims, channels, channels, 3, padding=1,
+                                          degree=degree, bottleneck=bottleneck))
+    runs = {"unadapted": layer}
+    for name, (method, options) in ADAPTERS.items():
+        runs[name] = kanpeft.prepare(copy.deepcopy(layer), method, **options)
+    return runs
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step(module: nn.Module, x: torch.Tensor) -> float:
+    """Seconds of one forward + backward of ``module`` on ``x``."""
+    synchronize()
+    start = time.perf_counter()
+    module(x).sum().backward()
+    synchronize()
+    elapsed = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    return elapsed
+
+
+def measure(runs: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds per candidate and round, timed round-robin after one warm-up call each."""
+    for module in runs.values():
+        step(module, x)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, module in runs.items():
+            times[name].append(step(module, x))
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, choices=(1, 2, 3), default=2)
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64, help="spatial side of the input")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--degree", type=int, default=3)
+    parser.add_argument("--bottleneck", action="store_true", help="bottleneck KAGN layers")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (medians)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    torch.set_default_device(args.device)
+    runs = candidates(args.dims, args.channels, args.degree, args.bottleneck)
+    shape = (args.batch, args.channels) + (args.size,) * args.dims
+    x = torch.randn(shape, requires_grad=True)
+    times = measure(runs, x, args.repeats)
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"cpu, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {device}; KAGN degree {args.degree}, "
+          f"{'bottleneck, ' if args.bottleneck else ''}input {tuple(shape)}, "
+          f"repeats={args.repeats}")
+    print("| layer | fwd+bwd ms | x unadapted |\n|---|---|---|")
+    base = times["unadapted"]
+    for name, seconds in times.items():
+        ratio = statistics.median(a / b for a, b in zip(seconds, base))
+        print(f"| {name} | {1e3 * statistics.median(seconds):.2f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
