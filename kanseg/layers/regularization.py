@@ -14,6 +14,10 @@ into the gradients from a backward hook; here they are loss terms with those gra
 as the wrappers without ``name``). The activation penalties are those of its trainers:
 ``l1 * mean(||y||_1 over the batch)`` and ``l2 * mean(||y||_2 over the batch)`` of each KAN
 layer's output ``y``.
+
+``dropout_placement="poly"`` drops the basis input ``x``; torch-conv-kan's KAGN layer drops
+``tanh(x)`` inside its basis, so there the kept channels are tanh(x) / (1 - p) and here the
+basis of x / (1 - p) (dropped channels agree: the basis of 0). Eval mode is the same.
 """
 from __future__ import annotations
 
