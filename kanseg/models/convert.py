@@ -8,8 +8,10 @@ GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer, and the networ
 them (KAGN, KALN, KACN, KAJN, KAN). Anything else is refused with the list of what is
 covered. WavKAN convs, WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
 Deliberate exception: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis
-it intends). Not yet covered: attention, focal-modulation and MoE layers,
-and whole conv models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
+it intends). Networks DenseKANet, TinyDenseKANet,
+ResKANet and KAGNRDNet: see :mod:`kanseg.models.convert_models`. Not yet covered: attention,
+focal-modulation and MoE layers, and VGG models (VGG-KAGN checkpoints load through
+``load_torch_conv_kan``).
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
 """
@@ -26,6 +28,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from kanseg.layers import ACTIVATIONS, KANConv, KANLinear, create_kan_conv
 
 from .convert_wavkan import convert_wavkan_conv, convert_wavkan_linear
+from .convert_models import NETWORK_CONVERTERS
 from .torch_conv_kan import layer_state_to_ours, norm_state_to_ours
 
 #: torch-conv-kan conv base class -> our family
@@ -226,6 +229,7 @@ _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "ReLUConvNDLayer": _convert_relukan,
     **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
     **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN")},
+    **NETWORK_CONVERTERS,
     "WavKANConvNDLayer": convert_wavkan_conv, "WavKANLayer": convert_wavkan_linear,
     "WavKAN": _convert_mlp,
 }

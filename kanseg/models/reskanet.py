@@ -1,4 +1,4 @@
-"""ResKANet: ResNet-18/34/50 layouts made of residual KAN blocks (2D backbones)."""
+"""ResKANet: ResNet-18/34/50/101/152 layouts made of residual KAN blocks (2D backbones)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,9 +7,12 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BLOCK_KINDS, ConvFactory, res_stage
+from .heads import create_head
 from .registry import register_model
+from .resblocks import reference_res_stage
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
+STYLES = {"kanseg": res_stage, "torch_conv_kan": reference_res_stage}
 
 
 class ResKANet(nn.Module):
@@ -21,6 +24,9 @@ class ResKANet(nn.Module):
     no head, ``forward`` returns the pooled features).
     ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
     ``groups``; the stem from image channels and the heads stay ungrouped).
+    ``head_type``: any head of :mod:`.heads` (default "Linear": dropout + linear).
+    ``style="torch_conv_kan"`` builds torch-conv-kan's own blocks (:mod:`.resblocks`; with
+    ``width=8`` its ResKANet widths), which its models convert to.
     """
 
     def __init__(
@@ -36,9 +42,13 @@ class ResKANet(nn.Module):
         dropout_linear: float = 0.0,
         bottleneck_convs: bool = False,
         groups: int = 1,
+        head_type: str | None = "Linear",
+        style: str = "kanseg",
         **family_options,
     ):
         super().__init__()
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {tuple(STYLES)}, got {style!r}")
         if block not in BLOCK_KINDS:
             raise ValueError(f"block must be one of {BLOCK_KINDS}, got {block!r}")
         if len(layers) != 4:
@@ -55,11 +65,12 @@ class ResKANet(nn.Module):
         channels = base
         for i, blocks in enumerate(layers):
             out = base * 2**i * EXPANSION[block]
-            self.stages.append(res_stage(conv, channels, out, blocks, 1 if i == 0 else 2, block))
+            self.stages.append(STYLES[style](conv, channels, out, blocks, 1 if i == 0 else 2,
+                                             block))
             self.feature_channels.append(out)
             channels = out
         self.feature_strides = [2, 4, 8, 16, 32]
-        self._head_args = (channels, dropout_linear)
+        self._head_args = (head_type, channels, dropout_linear, family, family_options)
         self.reset_classifier(num_classes)
 
     def get_classifier(self) -> nn.Module:
@@ -68,9 +79,8 @@ class ResKANet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
-        channels, dropout = self._head_args
-        self.head = (nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
-                     if num_classes else None)
+        head_type, channels, dropout, family, options = self._head_args
+        self.head = create_head(head_type, channels, num_classes, dropout, family, **options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 2 (stem), 4, 8, 16, 32."""
@@ -88,7 +98,9 @@ class ResKANet(nn.Module):
 
 
 for _depth, _layers, _block in ((18, (2, 2, 2, 2), "basic"), (34, (3, 4, 6, 3), "basic"),
-                                (50, (3, 4, 6, 3), "bottleneck")):
+                                (50, (3, 4, 6, 3), "bottleneck"),
+                                (101, (3, 4, 23, 3), "bottleneck"),
+                                (152, (3, 8, 36, 3), "bottleneck")):
     register_model(f"reskanet{_depth}", ResKANet, dims=(2,), task="classification",
                    layers=_layers, block=_block,
                    description=f"ResNet-{_depth} layout of residual KAN blocks ({_block})")

@@ -1,6 +1,7 @@
 """KAN backbones as segmentation-models-pytorch encoders.
 
-Importing this module registers ``kan-vgg11`` ... ``kan-vgg19v4`` and ``kan-reskanet18/34/50``
+Importing this module registers ``kan-vgg11`` ... ``kan-vgg19v4``,
+``kan-reskanet18/34/50/101/152`` and ``kan-densekanet121/161/169/201`` / ``kan-densekanet_tiny``
 (KAGN family) in ``smp.encoders.encoders``, so that for example
 ``smp.Unet(encoder_name="kan-vgg11", encoder_weights=None, classes=2)`` works in 2D.
 :func:`register_smp_encoder` adds variants (another family, width, bottleneck layers...).
@@ -19,7 +20,8 @@ from .vgg import VGG_TYPES
 
 
 class KANEncoder(nn.Module, EncoderMixin):
-    """An smp encoder around a registered KAN backbone (``vgg_kan`` or ``reskanet*``).
+    """An smp encoder around a registered KAN backbone (``vgg_kan``, ``reskanet*``,
+    ``densekanet*``).
 
     Returns ``depth + 1`` features at strides 1, 2, ..., 2**depth: the backbone's
     ``forward_features`` maps, preceded by the input when the first map is already downsampled
@@ -78,14 +80,19 @@ def register_smp_encoder(encoder_name: str, model_name: str, **model_kwargs: Any
 
 
 def register_default_encoders() -> list[str]:
-    """Register ``kan-vgg*`` (every vgg_type) and ``kan-reskanet18/34/50``; returns the names."""
+    """Register ``kan-vgg*`` (every vgg_type), ``kan-reskanet18/34/50/101/152`` and
+    ``kan-densekanet*``; returns the names."""
     names = []
     for vgg_type in VGG_TYPES:
         names.append(f"kan-{vgg_type.lower()}")
         register_smp_encoder(names[-1], "vgg_kan", vgg_type=vgg_type)
-    for depth in (18, 34, 50):
+    for depth in (18, 34, 50, 101, 152):
         names.append(f"kan-reskanet{depth}")
         register_smp_encoder(names[-1], f"reskanet{depth}")
+    for model_name in ("densekanet121", "densekanet161", "densekanet169", "densekanet201",
+                       "densekanet_tiny"):
+        names.append(f"kan-{model_name}")
+        register_smp_encoder(names[-1], model_name)
     return names
 
 

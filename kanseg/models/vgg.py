@@ -7,9 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from kanseg.layers import KANLinear
-
 from .blocks import ConvFactory, check_bottom_size
+from .heads import create_head
 from .registry import register_model
 
 # 3x3 convs per stage for each depth, the stage widths, and the sixth stage of each version.
@@ -17,7 +16,6 @@ _CONVS_PER_STAGE = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3
                     19: (2, 2, 4, 4, 4)}
 _STAGE_WIDTHS = (16, 32, 64, 128, 128)
 _EXTRA_STAGE = {"": (), "v2": (128, 128), "v3": (128, 256), "v4": (256, 256)}
-HEAD_TYPES = ("Linear", "VGG", "KAN", "HiddenKAN", None)
 
 
 def vgg_layout(vgg_type: str) -> list[int | str]:
@@ -45,10 +43,9 @@ class VGGKAN(nn.Module):
     The layer order matches torch-conv-kan's ``features`` list (index ``i`` is the ``i``-th
     entry of the layout), so its checkpoints map one to one (:mod:`.torch_conv_kan`).
     ``forward_features`` returns one feature map per stage (the map before each max-pool and
-    the final one). The head pools to ``expected_feature_shape`` and applies ``head_type``:
-    "Linear" (dropout + linear), "VGG" (3-layer MLP), "KAN" (one KAN linear layer of the
-    network's family), "HiddenKAN" (KAN linear to 512, dropout, linear), as torch-conv-kan's
-    heads, or None (``forward`` returns features).
+    the final one). The head pools to ``expected_feature_shape`` and applies ``head_type``, one
+    of torch-conv-kan's heads (:mod:`.heads`: "Linear", "VGG", "KAN", "HiddenKAN",
+    "Matryoshka", "KANtryoshka"), or None (``forward`` returns features).
     ``groups`` applies to every conv but the first, as in torch-conv-kan.
     """
 
@@ -71,8 +68,6 @@ class VGGKAN(nn.Module):
         **family_options,
     ):
         super().__init__()
-        if head_type not in HEAD_TYPES:
-            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
         layout = vgg_layout(vgg_type)
         self.vgg_type = vgg_type
         self.family = family
@@ -106,23 +101,7 @@ class VGGKAN(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
         head_type, flat, dropout, family, options = self._head_args
-        if head_type is None or num_classes == 0:
-            self.classifier = None
-        elif head_type == "Linear":
-            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(flat, num_classes))
-        elif head_type == "KAN":
-            self.classifier = nn.Sequential(nn.Dropout(dropout),
-                                            KANLinear(family, flat, num_classes, **options))
-        elif head_type == "HiddenKAN":
-            self.classifier = nn.Sequential(
-                nn.Dropout(dropout), KANLinear(family, flat, 512, **options),
-                nn.Dropout(dropout), nn.Linear(512, num_classes))
-        else:
-            self.classifier = nn.Sequential(
-                nn.Linear(flat, 1024), nn.ReLU(True), nn.Dropout(dropout),
-                nn.Linear(1024, 1024), nn.ReLU(True), nn.Dropout(dropout),
-                nn.Linear(1024, num_classes),
-            )
+        self.classifier = create_head(head_type, flat, num_classes, dropout, family, **options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""

@@ -1,0 +1,249 @@
+"""torch-conv-kan networks -> ours, for :func:`~.convert.convert_torch_conv_kan`: DenseKANet and
+TinyDenseKANet, ResKANet, KAGNRDNet, and the MatryoshkaHead of its heads.
+
+Our network is built (``create_model``) from the options read off the reference instance;
+then each of its layers is loaded strictly with the weights of the matching reference layer,
+converted by ``convert_torch_conv_kan`` (so a layer whose shapes differ is an error, never a
+partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottleneck, KALN,
+KACN, KAJN). Not covered: MoE networks, RDNet's ``post_block_attention``, and torch-conv-kan's
+RDNet stem when it differs from the body (its stem is always a degree-3 bottleneck KAGN conv).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import convert as core
+from .heads import MatryoshkaLinear
+from .registry import create_model, get_model_spec, list_models
+from .torch_conv_kan import layer_state_to_ours
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The layer inside torch-conv-kan's ``L1`` wrapper (it only acts on gradients)."""
+    return getattr(module, "module", module)
+
+
+def _load(target: nn.Module, reference: nn.Module) -> None:
+    """Load the weights of ``reference`` into ``target``, strictly: KAN layers through
+    ``convert_torch_conv_kan``, plain torch modules as they are."""
+    reference = _unwrap(reference)
+    if not type(reference).__module__.startswith("torch."):
+        reference = core.convert_torch_conv_kan(reference)
+    try:
+        target.load_state_dict(reference.state_dict())
+    except RuntimeError as err:
+        raise ValueError(
+            f"{type(reference).__name__}: its weights do not fit the network built from the "
+            "reference's options (a layer whose norm, degree or width differs from the "
+            f"stem's?): {err}") from None
+
+
+def _conv_options(conv: nn.Module) -> dict[str, Any]:
+    """family, norm, affine, degree (and bottleneck) of a torch-conv-kan polynomial KAN conv."""
+    conv = _unwrap(conv)
+    name = type(conv).__name__
+    family = next((core._CONV_FAMILIES[c.__name__] for c in type(conv).__mro__
+                   if c.__name__ in core._CONV_FAMILIES), None)
+    if family is None:
+        raise ValueError(f"{name}: networks convert when built from polynomial KAN convs "
+                         f"({', '.join(sorted(core._CONV_FAMILIES))})")
+    norm, affine = core._norm_option(conv.layer_norm[0], name)
+    options = dict(family=family, norm=norm, affine=affine, degree=conv.degree,
+                   bottleneck=hasattr(conv, "inner_dim"))
+    if family == "kajn":
+        options.update(alpha=conv.a, beta=conv.b)
+    return options
+
+
+def _check_geometry(conv: nn.Module, where: str, **expected: Any) -> None:
+    conv = _unwrap(conv)
+    found = {key: getattr(conv, key) for key in expected}
+    if found != expected:
+        raise ValueError(f"{where}: only {expected} converts, got {found}")
+
+
+def _check_not_moe(reference: nn.Module) -> None:
+    if getattr(reference, "is_moe", False):
+        raise ValueError(f"{type(reference).__name__}: MoE networks do not convert")
+
+
+# ----------------------------------------------------------------------------- DenseKANet
+def _dense_head(reference: nn.Module) -> tuple[str, int, nn.Module]:
+    """(our head type, classes, the reference's linear or KAN linear layer)."""
+    classifier = reference.classifier
+    if isinstance(classifier, nn.Linear):
+        return "Linear", classifier.out_features, classifier
+    layers = [layer for layer in classifier.layers if not isinstance(layer, nn.Dropout)]
+    if type(classifier).__name__ not in ("KAGN", "KALN", "KACN") or len(layers) != 1:
+        raise ValueError(f"{type(reference).__name__}: head {type(classifier).__name__} does not "
+                         "convert (a linear layer or one KAGN / KALN / KACN layer does)")
+    return "KAN", classifier.layers_hidden[-1], _unwrap(layers[0])
+
+
+def convert_densekanet(reference: nn.Module) -> nn.Module:
+    """torch-conv-kan's ``DenseKANet`` / ``TinyDenseKANet`` -> our :class:`DenseKANet`."""
+    _check_not_moe(reference)
+    features = reference.features
+    n_blocks = sum(name.startswith("denseblock") for name in features)
+    ref_blocks = [features[f"denseblock{i + 1}"] for i in range(n_blocks)]
+    first = ref_blocks[0]["denselayer1"]
+    stem = _unwrap(features["conv0"])
+    kernel = stem.kernel_size
+    _check_geometry(stem, "DenseKANet stem", stride=2, padding=kernel // 2)
+    if "pool0" in features:
+        pool = features["pool0"]
+        _check_geometry(pool, "DenseKANet max-pool", kernel_size=3, stride=2, padding=1)
+    options = _conv_options(stem)
+    head_type, num_classes, ref_head = _dense_head(reference)
+    growth = _unwrap(first.conv2).outdim
+    ours = create_model(
+        "densekanet", in_channels=stem.inputdim, num_classes=num_classes,
+        block_config=tuple(len(block) for block in ref_blocks), growth_rate=growth,
+        num_init_features=stem.outdim, bn_size=_unwrap(first.conv1).outdim // growth,
+        stem_kernel_size=kernel, first_maxpool="pool0" in features,
+        final_transition=f"transition{n_blocks}" in features, groups=_unwrap(first.conv2).groups,
+        dropout=core._dropout(_unwrap(first.conv2)),
+        dropout_linear=reference.dropout_lin.p if reference.dropout_lin is not None else 0.0,
+        head_type=head_type, memory_efficient=first.memory_efficient, **options)
+    _load(ours.stem, stem)
+    for block, ref_block in zip(ours.blocks, ref_blocks):
+        for layer, ref_layer in zip(block, ref_block.values()):
+            _load(layer.conv1, ref_layer.conv1)
+            _load(layer.conv2, ref_layer.conv2)
+    for i, transition in enumerate(ours.transitions):
+        ref_transition = features[f"transition{i + 1}"]
+        _load(transition[0], ref_transition.norm)
+        _load(transition[2], ref_transition.conv)
+    _load(ours.classifier[1], ref_head)
+    return ours
+
+
+# ----------------------------------------------------------------------------- ResKANet
+def convert_reskanet(reference: nn.Module) -> nn.Module:
+    """torch-conv-kan's ``ResKANet`` -> our :class:`ResKANet` with ``style="torch_conv_kan"``."""
+    stem = _unwrap(reference.conv1)
+    _check_geometry(stem, "ResKANet stem", kernel_size=7, stride=2, padding=3)
+    if reference.maxpool is None or reference.base_width != 64 or reference.dilation != 1:
+        raise ValueError("ResKANet: only use_first_maxpool=True, width_per_group=64 and no "
+                         "dilation convert")
+    _check_geometry(reference.maxpool, "ResKANet max-pool", kernel_size=3, stride=2, padding=1)
+    ref_stages = [reference.layer1, reference.layer2, reference.layer3, reference.layer4]
+    kind = "bottleneck" if hasattr(ref_stages[0][0], "conv3") else "basic"
+    layers = tuple(len(stage) for stage in ref_stages)
+    name = next((n for n in list_models() if n.startswith("reskanet")
+                 and get_model_spec(n).defaults == {"layers": layers, "block": kind}),
+                "reskanet18")
+    options = _conv_options(stem)
+    bottleneck = options.pop("bottleneck")
+    ours = create_model(
+        name, in_channels=stem.inputdim, num_classes=reference.fc.out_features, layers=layers,
+        block=kind, width=stem.outdim, bottleneck_convs=bottleneck,
+        dropout_linear=reference.drop.p, groups=reference.groups, style="torch_conv_kan",
+        **options)
+    _load(ours.stem, stem)
+    for stage, ref_stage in zip(ours.stages, ref_stages):
+        for block, ref_block in zip(stage, ref_stage):
+            convs = [ref_block.conv1, ref_block.conv2] + (
+                [ref_block.conv3] if kind == "bottleneck" else [])
+            for conv, ref_conv in zip(block.body, convs):
+                _load(conv, ref_conv)
+            if ref_block.downsample is not None:
+                _load(block.shortcut, ref_block.downsample)
+    _load(ours.head[1], reference.fc)
+    return ours
+
+
+# ----------------------------------------------------------------------------- RDNet
+def _load_unit(unit: nn.Sequential, reference: nn.Module, where: str) -> None:
+    """Our (KAN conv, channel LayerNorm, activation) unit <- a torch-conv-kan KAGN conv (plain,
+    bottleneck or V2) normalised by timm's ``LayerNorm2d``."""
+    reference = _unwrap(reference)
+    norm = reference.layer_norm
+    if isinstance(norm, nn.ModuleList):
+        if len(norm) != 1:
+            raise ValueError(f"{where}: grouped KAN convs do not convert")
+        norm = norm[0]
+    if type(norm).__name__ != "LayerNorm2d" or norm.eps != unit[1].eps:
+        raise ValueError(f"{where}: norm {norm} does not convert (timm LayerNorm2d, "
+                         f"eps={unit[1].eps}, does)")
+    theirs = {k: v for k, v in reference.state_dict().items() if not k.startswith("layer_norm.")}
+    if isinstance(reference.base_conv, nn.ModuleList):  # V1 layout: one module per group
+        state = layer_state_to_ours(theirs, unit[0], 1)
+    else:  # KAGNConvNDLayerV2: single convs, basis stacked degree-major
+        state = {"base_weight": theirs["base_conv.weight"],
+                 "basis_weight": theirs["poly_conv.weight"],
+                 "basis.beta_weights": theirs["beta_weights"]}
+    unit[0].load_state_dict(state)
+    unit[1].load_state_dict(norm.state_dict())
+
+
+def _rdnet_options(reference: nn.Module) -> dict[str, Any]:
+    """RDNet options read off a ``KAGNRDNet`` (stages, widths, body conv options)."""
+    growth, blocks, downsample, ese = [], [], [], []
+    for i, stage in enumerate(reference.dense_stages):
+        if not isinstance(stage, nn.Sequential):
+            raise ValueError("KAGNRDNet: post_block_attention=True does not convert")
+        dense = stage[-1]
+        growth.append(dense.dense_block0.growth_rate)
+        blocks.append(len(dense))
+        downsample.append(i > 0 and _unwrap(stage[0]).stride == 2)
+        ese.append(len(dense.dense_block0.layers.layers) == 4)
+    body = _unwrap(reference.dense_stages[0][-1].dense_block0.layers.layers[1])
+    stem = _unwrap(reference.stem.stem[0])
+    if (stem.degree, hasattr(stem, "inner_dim")) != (body.degree, hasattr(body, "inner_dim")):
+        raise ValueError("KAGNRDNet: its stem is a degree-3 bottleneck KAGN conv whatever the "
+                         "body; only networks whose body matches it (is_bottleneck=True, "
+                         "degree=3) convert")
+    gamma = reference.dense_stages[0][-1].dense_block0.gamma
+    return dict(num_init_features=stem.outdim, growth_rates=tuple(growth),
+                num_blocks=tuple(blocks), downsample=tuple(downsample), ese=tuple(ese),
+                patch_size=stem.kernel_size, bottleneck=hasattr(body, "inner_dim"),
+                degree=body.degree, ls_init_value=1.0 if gamma is not None else 0.0,
+                in_channels=stem.inputdim, dropout=core._dropout(body))
+
+
+def convert_rdnet(reference: nn.Module) -> nn.Module:
+    """torch-conv-kan's ``KAGNRDNet`` -> our :class:`RDNet` (degree-major depthwise layout)."""
+    head = reference.head
+    num_classes = head.fc.out_features if isinstance(head.fc, nn.Linear) else 0
+    ours = create_model("rdnet", num_classes=num_classes, dropout_linear=head.drop.p,
+                        reference_depthwise=True, **_rdnet_options(reference))
+    _load_unit(ours.stem, reference.stem.stem[0], "KAGNRDNet stem")
+    for i, (stage, ref_stage) in enumerate(zip(ours.stages, reference.dense_stages)):
+        if i > 0:
+            _load_unit(stage[0], ref_stage[0], f"KAGNRDNet transition {i}")
+        for j, (block, ref_block) in enumerate(zip(stage[-1], ref_stage[-1])):
+            where = f"KAGNRDNet stage {i} block {j}"
+            ref_layers = ref_block.layers.layers
+            for unit, ref_layer in zip(block.layers[:3], ref_layers[:3]):
+                _load_unit(unit, ref_layer, where)
+            if len(ref_layers) == 4:
+                _load_unit(block.layers[3].fc, ref_layers[3].fc, where)
+            if block.gamma is not None:
+                block.gamma.copy_(ref_block.gamma)
+    _load(ours.norm, head.norm)
+    if num_classes:
+        _load(ours.classifier[1], head.fc)
+    return ours
+
+
+# ----------------------------------------------------------------------------- heads
+def convert_matryoshka(reference: nn.Module) -> MatryoshkaLinear:
+    """torch-conv-kan's ``MatryoshkaHead`` -> :class:`MatryoshkaLinear`."""
+    first = reference.nesting_classifier_0
+    ours = MatryoshkaLinear(reference.nesting_list, reference.num_classes,
+                            efficient=reference.efficient, bias=first.bias is not None)
+    for i, layer in enumerate(ours.classifiers):
+        _load(layer, getattr(reference, f"nesting_classifier_{i}"))
+    return ours
+
+
+#: torch-conv-kan class -> converter (entries of ``convert._CONVERTERS``)
+NETWORK_CONVERTERS = {"DenseKANet": convert_densekanet, "TinyDenseKANet": convert_densekanet,
+                      "ResKANet": convert_reskanet, "KAGNRDNet": convert_rdnet,
+                      "MatryoshkaHead": convert_matryoshka}
+
+__all__ = ["NETWORK_CONVERTERS", "convert_densekanet", "convert_matryoshka", "convert_rdnet",
+           "convert_reskanet"]
