@@ -1,5 +1,5 @@
 """Networks built from the KAN layer core, and the model registry."""
-from . import baselines, densekanet, rdnet, reskanet, u2kanet, ukanet, vgg  # noqa: F401  (registers models)
+from . import baselines, densekanet, rdnet, reskanet, tck_ukanet, u2kanet, ukanet, vgg  # noqa: F401  (registers models)
 from .convert import convert_torch_conv_kan
 from .io import load_model, save_model
 from .registry import (

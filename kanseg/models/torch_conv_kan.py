@@ -24,7 +24,7 @@ from kanseg.files import atomic_write
 
 from .io import load_state
 from .registry import create_model
-from .vgg import VGG_TYPES, VGGKAN
+from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN
 
 #: config keys of torch-conv-kan's VGGKAGN / VGGKAGN_BN constructors
 _CONFIG_KEYS = {"input_channels", "num_classes", "groups", "degree", "dropout", "l1_decay",
@@ -111,10 +111,21 @@ def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> 
 
 
 def _kan_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The KAN convs of ``model.features`` by state-dict prefix (``features.<i>``)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (KANConv, KANBottleneckConv)) and name.startswith("features.")
-            and name.count(".") == 1}
+    """The KAN convs of ``model.features`` by state-dict prefix (``features.<i>``, or
+    ``features.<i>.proj_q`` inside a self-attention layer), not those inside another."""
+    layers: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if (isinstance(m, (KANConv, KANBottleneckConv))
+                and name.startswith("features.") and _owner(name + ".", layers) is None):
+            layers[name] = m
+    return layers
+
+
+def _owner(key: str, layers: dict) -> str | None:
+    """The name in ``layers`` that the state-dict ``key`` lies under (None: none)."""
+    parts = key.split(".")
+    return next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 1, -1))
+                 if p in layers), None)
 
 
 def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str, Tensor]:
@@ -124,8 +135,8 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str
     by_layer: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
     other: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        layer = ".".join(key.split(".")[:2])
-        if layer in by_layer:
+        layer = _owner(key, by_layer)
+        if layer is not None:
             by_layer[layer][key[len(layer) + 1:]] = value
         else:
             other[key] = value
@@ -147,7 +158,7 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str
             shapes.append(f"{name}: {err}")
             continue
         converted.update({f"{name}.{k}": v for k, v in mapped.items()})
-    in_layers = {k for k in target if ".".join(k.split(".")[:2]) in layers}
+    in_layers = {k for k in target if _owner(k, layers) is not None}
     missing += sorted(set(target) - in_layers - set(other))
     unexpected += sorted(set(other) - set(target))
     converted.update({k: v for k, v in other.items() if k in target})
@@ -172,12 +183,10 @@ def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool
             f"config.json has keys {unknown} that a torch-conv-kan VGG-KAGN config does not; "
             f"expected a subset of {sorted(_CONFIG_KEYS)}"
         )
-    if config.get("last_attention"):
-        raise CheckpointError(
-            "config.json: last_attention=true (self-attention VGG) is not supported")
     vgg_type = config.get("vgg_type", "VGG11")
-    if vgg_type not in VGG_TYPES:
-        raise CheckpointError(f"config.json: vgg_type must be one of {VGG_TYPES}, got {vgg_type!r}")
+    if vgg_type not in VGG_TYPES + VGG_SA_TYPES:
+        raise CheckpointError(f"config.json: vgg_type must be one of "
+                              f"{VGG_TYPES + VGG_SA_TYPES}, got {vgg_type!r}")
     return create_model(
         "vgg_kan",
         in_channels=config["input_channels"],
@@ -195,6 +204,8 @@ def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool
         dropout=config.get("dropout", 0.0),
         dropout_linear=config.get("dropout_linear", 0.25),
         degree=config.get("degree", 3),
+        last_attention=bool(config.get("last_attention", False)),
+        sa_inner_projection=config.get("sa_inner_projection"),
     )
 
 
@@ -253,7 +264,7 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
                               f"(torch-conv-kan constructor keyword arguments)")
     state_dict = _read_state_dict(weights)
     batch_norm = any(k.endswith("running_mean") for k in state_dict)
-    bottleneck = any(".inner_proj." in k or ".out_proj." in k for k in state_dict)
+    bottleneck = any(".out_proj." in k for k in state_dict)  # attention has inner_proj too
     model = model_from_config(config, batch_norm, bottleneck)
     try:
         model.load_state_dict(convert_state_dict(state_dict, model), strict=True)
@@ -284,14 +295,16 @@ def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
         "l1_decay": 0, "dropout_linear": full["dropout_linear"], "vgg_type": full["vgg_type"],
         "head_type": full["head_type"],
         "expected_feature_shape": list(full["expected_feature_shape"]),
-        "width_scale": full["width_scale"], "affine": full["affine"], "last_attention": False,
-        "sa_inner_projection": None,
+        "width_scale": full["width_scale"], "affine": full["affine"],
+        "last_attention": full["last_attention"],
+        "sa_inner_projection": full["sa_inner_projection"],
     }
 
 
 _OUR_KEYS = {"name", "in_channels", "num_classes", "family", "vgg_type", "head_type",
              "expected_feature_shape", "width_scale", "norm", "affine", "bottleneck",
-             "dim_reduction", "groups", "dropout", "dropout_linear", "degree"}
+             "dim_reduction", "groups", "dropout", "dropout_linear", "degree", "last_attention",
+             "sa_inner_projection"}
 
 
 def _defaults(cls: type) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from kanseg.layers.attention import KANSelfAttention
+
 from .blocks import ConvFactory, check_bottom_size
 from .heads import create_head
 from .registry import register_model
@@ -19,10 +21,13 @@ _EXTRA_STAGE = {"": (), "v2": (128, 128), "v3": (128, 256), "v4": (256, 256)}
 
 
 def vgg_layout(vgg_type: str) -> list[int | str]:
-    """Layer list of ``vgg_type`` ("VGG11" ... "VGG19v4"): widths and "M" for 2x2 max-pools."""
+    """Layer list of ``vgg_type`` ("VGG11" ... "VGG19v4"): widths and "M" for 2x2 max-pools;
+    the ``sa`` types (:data:`VGG_SA_TYPES`) turn the last two "M" into "SAM" (self-attention,
+    then the max-pool)."""
+    plain = vgg_type[:-2] if vgg_type in VGG_SA_TYPES else vgg_type
     for depth, convs in _CONVS_PER_STAGE.items():
         for version, extra in _EXTRA_STAGE.items():
-            if vgg_type != f"VGG{depth}{version}":
+            if plain != f"VGG{depth}{version}":
                 continue
             stages = [[w] * n for w, n in zip(_STAGE_WIDTHS, convs)]
             if extra:
@@ -30,11 +35,16 @@ def vgg_layout(vgg_type: str) -> list[int | str]:
             layout: list[int | str] = []
             for stage in stages:
                 layout += (["M"] if layout else []) + stage
+            if plain != vgg_type:
+                for index in [i for i, item in enumerate(layout) if item == "M"][-2:]:
+                    layout[index] = "SAM"
             return layout
-    raise ValueError(f"vgg_type must be one of {VGG_TYPES}, got {vgg_type!r}")
+    raise ValueError(f"vgg_type must be one of {VGG_TYPES + VGG_SA_TYPES}, got {vgg_type!r}")
 
 
 VGG_TYPES = tuple(f"VGG{d}{v}" for d in _CONVS_PER_STAGE for v in _EXTRA_STAGE)
+#: torch-conv-kan's self-attention VGGs
+VGG_SA_TYPES = tuple(f"VGG{d}{v}sa" for d in _CONVS_PER_STAGE for v in ("", "v4"))
 
 
 class VGGKAN(nn.Module):
@@ -47,6 +57,9 @@ class VGGKAN(nn.Module):
     of torch-conv-kan's heads (:mod:`.heads`: "Linear", "VGG", "KAN", "HiddenKAN",
     "Matryoshka", "KANtryoshka"), or None (``forward`` returns features).
     ``groups`` applies to every conv but the first, as in torch-conv-kan.
+    The ``sa`` types (:data:`VGG_SA_TYPES`) put a :class:`KANSelfAttention` before the last two
+    max-pools, and ``last_attention`` replaces the last conv by one (inner width
+    ``channels // sa_inner_projection`` when given), as torch-conv-kan's VGGKAGN.
     """
 
     def __init__(
@@ -65,10 +78,20 @@ class VGGKAN(nn.Module):
         groups: int = 1,
         dropout: float = 0.0,
         dropout_linear: float = 0.25,
+        last_attention: bool = False,
+        sa_inner_projection: int | None = None,
         **family_options,
     ):
         super().__init__()
         layout = vgg_layout(vgg_type)
+        attention_options = {k: v for k, v in family_options.items() if not k.startswith("moe_")}
+
+        def attention(channels: int) -> KANSelfAttention:
+            inner = channels // sa_inner_projection if sa_inner_projection else None
+            return KANSelfAttention(channels, 2, family, inner_channels=inner, norm=norm,
+                                    affine=affine, groups=groups, dropout=dropout,
+                                    bottleneck=bottleneck, dim_reduction=dim_reduction,
+                                    **attention_options)
         self.vgg_type = vgg_type
         self.family = family
         self.norm = norm
@@ -78,10 +101,15 @@ class VGGKAN(nn.Module):
         self.features = nn.ModuleList()
         self.feature_channels: list[int] = []
         channels = in_channels
-        for item in layout:
-            if item == "M":
+        for index, item in enumerate(layout):
+            if item in ("M", "SAM"):
+                if item == "SAM":
+                    self.features.append(attention(channels))
                 self.feature_channels.append(channels)
                 self.features.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            if last_attention and index == len(layout) - 1:
+                self.features.append(attention(channels))
                 continue
             first = not self.features
             extra = {} if first else {"groups": groups, "dropout": dropout}
