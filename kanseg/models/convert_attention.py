@@ -177,20 +177,35 @@ def _convert_focal(module: nn.Module) -> KANFocalModulation:
     return ours
 
 
+#: torch-conv-kan's residual-block children -> ours (:class:`~.resblocks.ReferenceResBlock`)
+_BLOCK_NAMES = {"conv1": "body.0", "conv2": "body.1", "downsample": "shortcut"}
+
+
+def _counterpart(ours: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent, key) of the submodule of ``ours`` that their child ``name`` maps to."""
+    path = name if name in ours._modules else _BLOCK_NAMES.get(name, name)
+    *parents, key = path.split(".")
+    return (ours.get_submodule(".".join(parents)) if parents else ours), key
+
+
 def mirror_into(ours: nn.Module, theirs: nn.Module, where: str = "") -> None:
-    """Give every submodule of ``ours`` the weights of ``theirs``' same-named one: torch-conv-kan
-    layers are converted and replace ours, plain torch modules load their state. The two
-    trees must have the same names (ValueError naming the first difference)."""
+    """Give every submodule of ``ours`` the weights of ``theirs``' same-named one (residual
+    blocks: :data:`_BLOCK_NAMES`): torch-conv-kan layers are converted and replace ours, plain
+    torch modules load their state. ValueError naming the first part that does not match."""
     for name, child in theirs.named_children():
         path = f"{where}{name}"
         if type(child).__name__ == "L1":  # torch-conv-kan's L1 wrapper acts on gradients only
             child = child.module
-        mine = ours._modules.get(name)
+        try:
+            parent, key = _counterpart(ours, name)
+        except AttributeError:
+            parent, key = ours, name
+        mine = parent._modules.get(key)
         if mine is None:
             raise ValueError(f"{path}: {type(child).__name__} has no counterpart in "
                              f"{type(ours).__name__}")
         if _class_names(child) & set(_base()._CONVERTERS):
-            ours._modules[name] = _convert(child)
+            parent._modules[key] = _convert(child)
         elif len(child._modules):
             mirror_into(mine, child, f"{path}.")
         elif isinstance(child, type(mine)):

@@ -17,6 +17,7 @@ from kanseg.layers.factories import conv_module
 
 from .blocks import ConvFactory, check_bottom_size, crop_to, pad_to_multiple
 from .registry import register_model
+from .resblocks import reference_res_stage
 
 MIXERS = ("conv", "self-att", "focal")
 
@@ -43,39 +44,17 @@ def _check_input(model: nn.Module, x: Tensor, factor: int) -> None:
     check_bottom_size(name, x.shape[2:], factor, model.norm)
 
 
-class TCKBasicBlock(nn.Module):
-    """torch-conv-kan's ``BasicBlockTemplate``: ``conv2(conv1(x)) + shortcut(x)``, with ``conv1``
-    a 3x3 KAN conv (stride, groups), ``conv2`` a 1x1 KAN conv and ``downsample`` a strided 1x1
-    KAN conv when stride or width change; no activation after the sum."""
-
-    def __init__(self, conv: ConvFactory, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = conv(in_channels, out_channels, 3, stride)
-        self.conv2 = conv(out_channels, out_channels, 1, groups=1)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = conv(in_channels, out_channels, 1, stride, groups=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv2(self.conv1(x)) + identity
-
-
-def _stage(conv: ConvFactory, in_channels: int, out_channels: int, blocks: int,
-           stride: int) -> nn.Sequential:
-    return nn.Sequential(TCKBasicBlock(conv, in_channels, out_channels, stride),
-                         *[TCKBasicBlock(conv, out_channels, out_channels) for _ in range(blocks - 1)])
-
-
 class TCKUKANet(nn.Module):
-    """torch-conv-kan's ``UKANet`` (basic blocks): a KAN stem, four encoder stages of
-    :class:`TCKBasicBlock` (``8 * width_scale * 2**i`` channels, stride 2 from the second), a
+    """torch-conv-kan's ``UKANet`` (basic blocks): a KAN stem, four encoder stages of its
+    basic blocks (:mod:`.resblocks`; ``8 * width_scale * 2**i`` channels, stride 2 from the
+    second), a
     bottom stage, and three decoder levels (upsample, concatenate the skip, a 3x3 KAN ``merge``
     conv, a stage), then a 1x1 conv to ``out_channels``. Inputs are zero-padded to a multiple
     of 8 and the output cropped back. ``groups`` divides every 3x3 conv but the stem's.
     torch-conv-kan's bottleneck-block UKANets cannot run (their merge widths do not match),
     so only basic blocks are offered; ``bottleneck`` makes every conv a bottleneck KAN conv
-    (torch-conv-kan's ``BottleneckKAGNBasicBlock``).
+    (torch-conv-kan's ``BottleneckKAGNBasicBlock``; ``dim_reduction`` for the stem and merges,
+    torch-conv-kan's choice in the blocks).
     """
 
     def __init__(
@@ -101,15 +80,21 @@ class TCKUKANet(nn.Module):
         w = [8 * width_scale * 2**i for i in range(4)]
         conv = _conv_factory(family, spatial_dims, norm, affine, bottleneck, dim_reduction,
                              groups, family_options)
+        block_conv = ConvFactory(family, spatial_dims, norm, bottleneck, groups=groups,
+                                 options={"affine": affine, **family_options})
+
+        def _stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
+            return reference_res_stage(block_conv, in_ch, out_ch, blocks, stride, "basic")
+
         self.conv1 = conv(in_channels, w[0], stem_kernel_size, groups=1)
-        self.layer1e = _stage(conv, w[0], w[0], layers[0], 1)
-        self.layer2e = _stage(conv, w[0], w[1], layers[1], 2)
-        self.layer3e = _stage(conv, w[1], w[2], layers[2], 2)
-        self.layer4e = _stage(conv, w[2], w[3], layers[3], 2)
-        self.layer4d = _stage(conv, w[3], w[3], layers[3], 1)
-        self.layer1d = _stage(conv, w[0], w[0], layers[0], 1)
-        self.layer2d = _stage(conv, w[1], w[1], layers[1], 1)
-        self.layer3d = _stage(conv, w[2], w[2], layers[2], 1)
+        self.layer1e = _stage(w[0], w[0], layers[0], 1)
+        self.layer2e = _stage(w[0], w[1], layers[1], 2)
+        self.layer3e = _stage(w[1], w[2], layers[2], 2)
+        self.layer4e = _stage(w[2], w[3], layers[3], 2)
+        self.layer4d = _stage(w[3], w[3], layers[3], 1)
+        self.layer1d = _stage(w[0], w[0], layers[0], 1)
+        self.layer2d = _stage(w[1], w[1], layers[1], 1)
+        self.layer3d = _stage(w[2], w[2], layers[2], 1)
         self.merge1 = conv(w[0] + w[1], w[0], 3)
         self.merge2 = conv(w[1] + w[2], w[1], 3)
         self.merge3 = conv(w[2] + w[3], w[2], 3)
@@ -223,4 +208,4 @@ register_model("tck_ukagnet", TCKUKAGNet, dims=(1, 2, 3),
                description="torch-conv-kan's UKAGNet: KAN conv U-Net, self-attention or focal "
                            "modulation mixers")
 
-__all__ = ["MIXERS", "TCKBasicBlock", "TCKUKAGNet", "TCKUKANet"]
+__all__ = ["MIXERS", "TCKUKAGNet", "TCKUKANet"]
