@@ -9,13 +9,14 @@ from torch import nn
 from .basis import basis_class, create_basis
 from .bottleneck import KANBottleneckConv
 from .conv import KANConv
+from .moe import MOE_OPTIONS, mixture_of_experts
 from .errors import OptionError
 from .regularization import PENALTY_OPTIONS, attach_penalties
 
 #: layer options every KAN family accepts, next to its basis options
 LAYER_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
                  "conv_strategy", "dropout_placement", "dropout_type", "noise_scale",
-                 *PENALTY_OPTIONS)
+                 *PENALTY_OPTIONS, *MOE_OPTIONS)
 
 
 def create_kan_conv(
@@ -44,9 +45,17 @@ def create_kan_conv(
     squeeze / expand convs. ``dropout_placement``, ``dropout_type``, ``noise_scale`` and the
     penalties ``l1_penalty``, ``l2_penalty``, ``l1_activation_penalty`` and
     ``l2_activation_penalty`` are those of :mod:`kanseg.layers.regularization`.
+    ``moe_experts`` > 0 makes a mixture of that many such convs (``moe_top_k``,
+    ``moe_noisy_gating``, ``moe_loss_coef``, ``moe_inner``: see
+    :func:`kanseg.layers.moe.mixture_of_experts`).
     """
     if spatial_dims not in (1, 2, 3):
         raise OptionError("spatial_dims", f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    moe = {k: family_options.pop(k) for k in MOE_OPTIONS if k in family_options}
+    if moe.get("moe_experts"):
+        return mixture_of_experts(create_kan_conv(
+            family, spatial_dims, in_channels, out_channels, kernel_size, stride, padding,
+            dilation, groups, bottleneck, dim_reduction, min_internal, **family_options), **moe)
     conv_options = dict(basis_class(family).layer_defaults)
     conv_options.update({k: family_options.pop(k) for k in LAYER_OPTIONS if k in family_options})
     penalties = {k: conv_options.pop(k) for k in PENALTY_OPTIONS if k in conv_options}

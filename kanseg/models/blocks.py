@@ -24,7 +24,8 @@ _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
 class ConvFactory:
     """Builds the KAN convolutions of one network: one family, norm and option set.
 
-    ``bottleneck=True`` makes every kernel > 1 a squeeze/expand bottleneck KAN conv.
+    ``bottleneck=True`` makes every kernel > 1 a squeeze/expand bottleneck KAN conv, and the
+    ``moe_*`` options (``moe_experts=4``...) a mixture of such experts (:mod:`kanseg.layers.moe`).
     ``options`` holds the family options (``degree``...) and layer options (``dropout``...).
     ``groups`` is the default of every conv whose in and out channels it divides (so a stem
     from image channels or a head to classes stays ungrouped, as in torch-conv-kan).
@@ -57,6 +58,8 @@ class ConvFactory:
             options["activation"] = None
         if self.bottleneck and kernel_size > 1:
             options.update(bottleneck=True, dim_reduction=self.dim_reduction)
+        if kernel_size == 1:
+            options.pop("moe_experts", None)
         return create_kan_conv(
             self.family, self.spatial_dims, in_channels, out_channels, kernel_size,
             stride=stride, padding=dilation * (kernel_size - 1) // 2, dilation=dilation,

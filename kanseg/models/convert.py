@@ -8,11 +8,11 @@ GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer, and the networ
 them (KAGN, KALN, KACN, KAJN, KAN). Anything else is refused with the list of what is
 covered. WavKAN convs, WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
 Deliberate exception: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis
-it intends). Networks DenseKANet, TinyDenseKANet,
-ResKANet and KAGNRDNet: see :mod:`kanseg.models.convert_models`. Attention and
-focal-modulation layers, KAGN V2 and bottleneck ReLU-KAN convs, UKANet and UKAGNet: see
-:mod:`kanseg.models.convert_attention`. Not yet covered: MoE layers, and VGG models (VGG-KAGN
-checkpoints load through ``load_torch_conv_kan``).
+it intends). Networks DenseKANet, TinyDenseKANet, ResKANet and KAGNRDNet: see
+:mod:`kanseg.models.convert_models`. MoE convs: see :mod:`kanseg.models.convert_moe`.
+Attention and focal-modulation layers, KAGN V2 and bottleneck ReLU-KAN convs, UKANet and
+UKAGNet: see :mod:`kanseg.models.convert_attention`.
+Not yet covered: VGG models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
 """
@@ -30,6 +30,7 @@ from kanseg.layers import ACTIVATIONS, KANConv, KANLinear, create_kan_conv
 
 from .convert_wavkan import convert_wavkan_conv, convert_wavkan_linear
 from .convert_models import NETWORK_CONVERTERS
+from .convert_moe import MOE_CONVERTERS
 from .convert_attention import ATTENTION_CONVERTERS
 from .torch_conv_kan import layer_state_to_ours, norm_state_to_ours
 
@@ -231,10 +232,11 @@ _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "ReLUConvNDLayer": _convert_relukan,
     **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
     **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN")},
-    **NETWORK_CONVERTERS,
-    **ATTENTION_CONVERTERS,
     "WavKANConvNDLayer": convert_wavkan_conv, "WavKANLayer": convert_wavkan_linear,
     "WavKAN": _convert_mlp,
+    **NETWORK_CONVERTERS,
+    **MOE_CONVERTERS,
+    **ATTENTION_CONVERTERS,
 }
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kanseg.layers import KANBottleneckConv, KANConv
+from kanseg.layers.moe import MoEKANConv
 
 from kanseg.files import atomic_write
 
@@ -29,7 +30,8 @@ from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN
 #: config keys of torch-conv-kan's VGGKAGN / VGGKAGN_BN constructors
 _CONFIG_KEYS = {"input_channels", "num_classes", "groups", "degree", "dropout", "l1_decay",
                 "dropout_linear", "vgg_type", "head_type", "expected_feature_shape",
-                "width_scale", "affine", "last_attention", "sa_inner_projection"}
+                "width_scale", "affine", "last_attention", "sa_inner_projection",
+                "num_experts", "noisy_gating", "k"}  # the last three: MoE VGGs
 _NORM_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -65,7 +67,10 @@ def norm_state_to_ours(theirs: dict[str, Tensor], groups: int) -> dict[str, Tens
 def layer_state_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
     """One layer's tensors (their names, prefix removed) -> our state-dict names: KAGN (plain or
     bottleneck), and the other ``base_conv`` + degree-major ``poly_weights`` families (KALN,
-    KAJN), which have no ``beta_weights``."""
+    KAJN), which have no ``beta_weights``. MoE layers: :func:`.convert_moe.moe_state_to_ours`."""
+    if _is_moe(layer):
+        from .convert_moe import moe_state_to_ours  # noqa: PLC0415 - it builds on this module
+        return moe_state_to_ours(theirs, layer, groups)
     core = layer.core if isinstance(layer, KANBottleneckConv) else layer
     prefix = "core." if core is not layer else ""
     n_basis = core.basis.n_basis
@@ -87,6 +92,9 @@ def layer_state_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int
 
 def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
     """Inverse of :func:`layer_state_to_ours`."""
+    if _is_moe(layer):
+        from .convert_moe import moe_state_to_theirs  # noqa: PLC0415 - it builds on this module
+        return moe_state_to_theirs(ours, layer, groups)
     core = layer.core if isinstance(layer, KANBottleneckConv) else layer
     prefix = "core." if core is not layer else ""
     n_basis = core.basis.n_basis
@@ -101,6 +109,13 @@ def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> 
         for proj in ("inner_proj", "out_proj"):
             for g, w in enumerate(ours[f"{proj}.weight"].chunk(groups)):
                 theirs[f"{proj}.{g}.weight"] = w
+    theirs.update(norm_state_to_theirs(ours, groups))
+    return theirs
+
+
+def norm_state_to_theirs(ours: dict[str, Tensor], groups: int) -> dict[str, Tensor]:
+    """Inverse of :func:`norm_state_to_ours`."""
+    theirs = {}
     for name in _NORM_KEYS:
         if f"norm.{name}" in ours:
             value = ours[f"norm.{name}"]
@@ -110,12 +125,17 @@ def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> 
     return theirs
 
 
+def _is_moe(layer: nn.Module) -> bool:
+    """A mixture of experts, or a bottleneck conv whose inner conv is one."""
+    return isinstance(layer, MoEKANConv) or isinstance(getattr(layer, "core", None), MoEKANConv)
+
+
 def _kan_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The KAN convs of ``model.features`` by state-dict prefix (``features.<i>``, or
     ``features.<i>.proj_q`` inside a self-attention layer), not those inside another."""
     layers: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
-        if (isinstance(m, (KANConv, KANBottleneckConv))
+        if (isinstance(m, (KANConv, KANBottleneckConv, MoEKANConv))
                 and name.startswith("features.") and _owner(name + ".", layers) is None):
             layers[name] = m
     return layers
@@ -175,8 +195,10 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str
 
 
 # ----------------------------------------------------------------------------- config
-def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool) -> VGGKAN:
-    """Our :class:`VGGKAN` for a torch-conv-kan ``config.json`` (VGGKAGN or VGGKAGN_BN)."""
+def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool,
+                      moe: bool = False) -> VGGKAN:
+    """Our :class:`VGGKAN` for a torch-conv-kan ``config.json`` (VGGKAGN or VGGKAGN_BN; with
+    ``moe``, MoEVGGKAGN or MoE_VGGKAGN_BN, whose bottleneck convs mix only their inner conv)."""
     unknown = sorted(set(config) - _CONFIG_KEYS)
     if unknown:
         raise CheckpointError(
@@ -206,6 +228,9 @@ def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool
         degree=config.get("degree", 3),
         last_attention=bool(config.get("last_attention", False)),
         sa_inner_projection=config.get("sa_inner_projection"),
+        **(dict(moe_experts=config.get("num_experts", 8), moe_top_k=config.get("k", 2),
+                moe_noisy_gating=config.get("noisy_gating", True), moe_inner=bottleneck)
+           if moe else {}),
     )
 
 
@@ -254,8 +279,8 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
     ``path_or_repo_id``: a folder with ``config.json`` + ``model.safetensors``, a bare state-dict
     file (``.safetensors``, or ``.pt``/``.pth`` loaded with ``weights_only=True``; its config is
     the ``config.json`` beside it or ``config``), or a HuggingFace hub repo id such as
-    ``brivangl/vgg_kagn11_v2``. BatchNorm is inferred from ``running_mean`` keys and bottleneck
-    layers from ``inner_proj``/``out_proj`` keys. Returns the model in eval mode.
+    ``brivangl/vgg_kagn11_v2``. The layout is read off the keys (:func:`vgg_from_state_dict`).
+    Returns the model in eval mode.
     """
     found_config, weights = _resolve(path_or_repo_id)
     config = config if config is not None else found_config
@@ -263,14 +288,23 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
         raise CheckpointError(f"{weights}: no config.json beside it; pass config=... "
                               f"(torch-conv-kan constructor keyword arguments)")
     state_dict = _read_state_dict(weights)
-    batch_norm = any(k.endswith("running_mean") for k in state_dict)
-    bottleneck = any(".out_proj." in k for k in state_dict)  # attention has inner_proj too
-    model = model_from_config(config, batch_norm, bottleneck)
     try:
-        model.load_state_dict(convert_state_dict(state_dict, model), strict=True)
+        return vgg_from_state_dict(state_dict, config).eval()
     except CheckpointError as err:
         raise CheckpointError(f"{weights}: {err}") from None
-    return model.eval()
+
+
+def vgg_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -> VGGKAN:
+    """Our VGG-KAN for a torch-conv-kan VGG-KAGN ``config`` with the weights of its
+    ``state_dict`` (strict: :class:`CheckpointError` lists what does not match). BatchNorm is
+    inferred from ``running_mean`` keys, bottleneck layers from ``inner_proj``/``out_proj``
+    keys, mixtures of experts (its MoE VGGs) from ``w_gate`` keys."""
+    batch_norm = any(k.endswith("running_mean") for k in state_dict)
+    bottleneck = any(".out_proj." in k for k in state_dict)  # attention has inner_proj too
+    moe = any(k.endswith(".w_gate") for k in state_dict)
+    model = model_from_config(config, batch_norm, bottleneck, moe)
+    model.load_state_dict(convert_state_dict(state_dict, model), strict=True)
+    return model
 
 
 def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
@@ -338,5 +372,5 @@ def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
 __all__ = [
     "CheckpointError", "channel_major_to_degree_major", "convert_state_dict",
     "degree_major_to_channel_major", "load_torch_conv_kan", "model_from_config",
-    "save_torch_conv_kan", "to_torch_conv_kan_config",
+    "save_torch_conv_kan", "to_torch_conv_kan_config", "vgg_from_state_dict",
 ]

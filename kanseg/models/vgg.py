@@ -56,7 +56,9 @@ class VGGKAN(nn.Module):
     the final one). The head pools to ``expected_feature_shape`` and applies ``head_type``, one
     of torch-conv-kan's heads (:mod:`.heads`: "Linear", "VGG", "KAN", "HiddenKAN",
     "Matryoshka", "KANtryoshka"), or None (``forward`` returns features).
-    ``groups`` applies to every conv but the first, as in torch-conv-kan.
+    ``groups`` and the ``moe_*`` options apply to every conv but the first, as in
+    torch-conv-kan (``moe_experts=8, moe_top_k=2``: its MoE VGGs; with ``bottleneck=True`` and
+    ``moe_inner=True``: ``MoE_VGGKAGN_BN``).
     The ``sa`` types (:data:`VGG_SA_TYPES`) put a :class:`KANSelfAttention` before the last two
     max-pools, and ``last_attention`` replaces the last conv by one (inner width
     ``channels // sa_inner_projection`` when given), as torch-conv-kan's VGGKAGN.
@@ -92,6 +94,7 @@ class VGGKAN(nn.Module):
                                     affine=affine, groups=groups, dropout=dropout,
                                     bottleneck=bottleneck, dim_reduction=dim_reduction,
                                     **attention_options)
+
         self.vgg_type = vgg_type
         self.family = family
         self.norm = norm
@@ -112,7 +115,7 @@ class VGGKAN(nn.Module):
                 self.features.append(attention(channels))
                 continue
             first = not self.features
-            extra = {} if first else {"groups": groups, "dropout": dropout}
+            extra = {"moe_experts": 0} if first else {"groups": groups, "dropout": dropout}
             self.features.append(conv(channels, item * width_scale, 3, **extra))
             channels = item * width_scale
         self.feature_channels.append(channels)
