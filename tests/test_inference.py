@@ -55,6 +55,12 @@ def _data_cfg(**kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
+def _config(**data_options):
+    """The parts of a kanseg config that inference reads: data, and a model trained on any
+    number of channels."""
+    return SimpleNamespace(data=_data_cfg(**data_options), model=SimpleNamespace(kwargs={}))
+
+
 def _settings(**kw) -> InferenceConfig:
     return InferenceConfig(**{"roi_size": (16, 16, 16), "device": "cpu", **kw})
 
@@ -75,7 +81,7 @@ class ThresholdModel(nn.Module):
 def test_infer_restores_non_ras_geometry_and_voxel_order(tmp_path):
     raw = _head((13, 11, 9))
     src = _save(tmp_path / "case_a.nii.gz", raw, LPI_PERMUTED)
-    cfg = SimpleNamespace(data=_data_cfg(orientation="RAS", spacing=None))
+    cfg = _config(orientation="RAS", spacing=None)
     out = run_inference(cfg, ThresholdModel(), list_input_cases(src, cfg.data), tmp_path / "out",
                         _settings(), progress=False)
     assert out == [tmp_path / "out" / "case_a.nii.gz"]
@@ -96,7 +102,7 @@ def test_infer_4d_multichannel_input_writes_3d_label_map(tmp_path):
     raw = _head((12, 10, 8), seed=3)
     volume = np.stack([raw, raw[::-1]], axis=-1)  # MSD style: channels last in one 4D file
     src = _save(tmp_path / "multi.nii.gz", volume, LPI_PERMUTED)
-    cfg = SimpleNamespace(data=_data_cfg(orientation="RAS", spacing=None))
+    cfg = _config(orientation="RAS", spacing=None)
     out = run_inference(cfg, ThresholdModel(), list_input_cases(src, cfg.data), tmp_path / "out",
                         _settings(), progress=False)
     pred = nib.load(str(out[0]))
@@ -108,7 +114,7 @@ def test_infer_4d_multichannel_input_writes_3d_label_map(tmp_path):
 
 def test_infer_resampled_anisotropic_input_round_trips_geometry(tmp_path):
     src = _save(tmp_path / "aniso.nii.gz", _head((14, 10, 7), seed=1), LPI_PERMUTED)
-    cfg = SimpleNamespace(data=_data_cfg(orientation="RAS", spacing=[1.0, 1.0, 1.0]))
+    cfg = _config(orientation="RAS", spacing=[1.0, 1.0, 1.0])
     out = run_inference(cfg, _tiny_unet(), list_input_cases(src, cfg.data), tmp_path / "out",
                         _settings(roi_size=(16, 16, 16), save_probabilities=True), progress=False)
     pred, ref = nib.load(str(out[0])), nib.load(str(src))
@@ -185,7 +191,7 @@ def test_softmax_decodes_to_raw_label_values():
 def test_corrupt_input_error_names_the_file(tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti file")
-    cfg = SimpleNamespace(data=_data_cfg())
+    cfg = _config()
     with pytest.raises(InferenceError, match="broken.nii.gz"):
         run_inference(cfg, ThresholdModel(), list_input_cases(bad, cfg.data), tmp_path / "out",
                       _settings(), progress=False)
@@ -195,7 +201,7 @@ def test_corrupt_input_error_names_the_file(tmp_path):
 
 def test_wrong_channel_count_error_names_the_file(tmp_path):
     src = _save(tmp_path / "one_channel.nii.gz", _head((8, 8, 8)), np.eye(4))
-    cfg = SimpleNamespace(data=_data_cfg())
+    cfg = _config()
     with pytest.raises(InferenceError, match="one_channel.nii.gz"):
         run_inference(cfg, _tiny_unet(in_channels=4), list_input_cases(src, cfg.data),
                       tmp_path / "out", _settings(), progress=False)
