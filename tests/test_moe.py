@@ -16,9 +16,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from kanseg.layers import KANBottleneckConv, KANConv, create_kan_conv
+from kanseg.layers.auxiliary import collect_auxiliary_losses
 from kanseg.layers.moe import MoEKANConv
 from kanseg.models import convert_torch_conv_kan, create_model, load_torch_conv_kan
 from kanseg.models.convert_moe import moe_state_to_ours, moe_state_to_theirs
+from test_attention import _saved_bytes
 from test_models_convert import TCK, tck  # noqa: F401 - the reference's kan_convs and kans
 
 
@@ -165,15 +167,7 @@ def test_gradients_reach_the_gates_and_only_the_chosen_experts():
 def _saved_ratio(layer: nn.Module, x: torch.Tensor) -> float:
     """Bytes autograd keeps for backward (distinct storages, plus the input the per-expert
     checkpoints hold), over the input's bytes."""
-    storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    return sum(storages.values()) / (x.numel() * x.element_size())
+    return _saved_bytes(layer, x) / (x.numel() * x.element_size())
 
 
 def test_saved_for_backward_within_four_times_input():
@@ -269,7 +263,8 @@ def test_networks_take_moe_options():
     experts = {id(e) for n in names for e in net.get_submodule(n).experts}
     one_by_one = [m for m in net.modules() if isinstance(m, KANConv) and m.kernel_size == (1, 1)]
     assert names and one_by_one and not any(id(m) in experts for m in one_by_one)
-    assert all(net.get_submodule(n).auxiliary_loss() is not None for n in names)
+    losses = [net.get_submodule(n).auxiliary_loss() for n in names]
+    assert_close(collect_auxiliary_losses(net, by_kind=True)["load_balance"], sum(losses))
     vgg = create_model("vgg_kan", in_channels=3, num_classes=4, vgg_type="VGG11",
                        moe_experts=2, bottleneck=True, moe_inner=True)
     assert not _mixtures(vgg.features[0])
