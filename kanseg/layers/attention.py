@@ -143,7 +143,8 @@ class KANSelfAttention(nn.Module):
     over positions ``i, j``. torch-conv-kan's form is one head and ``s = 1`` (``scaled=False``);
     ``scaled=True`` gives ``s = 1 / sqrt(channels per head)``. ``gamma`` starts at 0.
     ``rope`` (``"mixed"``/``"axial"``) rotates q and k (:class:`RotaryEmbedding`).
-    ``norm`` and ``affine`` are those of the q/k/v convs and of the output norm;
+    ``norm`` and ``affine`` are those of the q/k/v convs and of the output norm
+    (``channel_layer``, torch-conv-kan's default output norm in 2D: instance-normed convs);
     ``family_options`` go to every q/k/v conv (``degree``, ``dropout``...).
     """
 
