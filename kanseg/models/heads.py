@@ -16,7 +16,7 @@ Matryoshka heads return a tuple of logits, one per nested prefix (smallest first
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,19 +57,22 @@ class MatryoshkaLinear(nn.Module):
 
 
 class HeadMixin:
-    """``get_classifier`` / ``reset_classifier`` for a network whose ``classifier`` is built by
-    :func:`create_head` from ``self.head_options`` (every argument but ``num_classes``)."""
+    """``get_classifier`` / ``reset_classifier`` (timm's head API) for a network whose head,
+    the attribute named by ``head_attribute``, is built by :func:`create_head` from
+    ``self.head_options`` (every argument but ``num_classes``)."""
 
-    classifier: nn.Module | None
+    head_attribute: ClassVar[str] = "classifier"
     head_options: dict[str, Any]
 
     def get_classifier(self) -> nn.Module:
         """The head (``nn.Identity`` when there is none)."""
-        return self.classifier if self.classifier is not None else nn.Identity()
+        head = getattr(self, self.head_attribute)
+        return head if head is not None else nn.Identity()
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
-        self.classifier = create_head(num_classes=num_classes, **self.head_options)
+        setattr(self, self.head_attribute, create_head(num_classes=num_classes,
+                                                       **self.head_options))
 
 
 def create_head(head_type: str | None, in_features: int, num_classes: int,

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import BLOCK_KINDS, ConvFactory, res_stage
-from .heads import create_head
+from .heads import HeadMixin
 from .registry import register_model
 from .resblocks import reference_res_stage
 
@@ -15,7 +15,7 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 STYLES = {"kanseg": res_stage, "torch_conv_kan": reference_res_stage}
 
 
-class ResKANet(nn.Module):
+class ResKANet(HeadMixin, nn.Module):
     """ResNet of KAN convs: a 7x7 stride-2 KAN stem, 3x3 max-pool, four residual stages.
 
     Stage ``i`` has ``layers[i]`` blocks of width ``width * width_scale * 2**i`` (times 4 for
@@ -28,6 +28,8 @@ class ResKANet(nn.Module):
     ``style="torch_conv_kan"`` builds torch-conv-kan's own blocks (:mod:`.resblocks`; with
     ``width=8`` its ResKANet widths), which its models convert to.
     """
+
+    head_attribute = "head"
 
     def __init__(
         self,
@@ -70,17 +72,9 @@ class ResKANet(nn.Module):
             self.feature_channels.append(out)
             channels = out
         self.feature_strides = [2, 4, 8, 16, 32]
-        self._head_args = (head_type, channels, dropout_linear, family, family_options)
+        self.head_options = dict(head_type=head_type, in_features=channels,
+                                 dropout_linear=dropout_linear, family=family, **family_options)
         self.reset_classifier(num_classes)
-
-    def get_classifier(self) -> nn.Module:
-        """The head (``nn.Identity`` when there is none)."""
-        return self.head if self.head is not None else nn.Identity()
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
-        head_type, channels, dropout, family, options = self._head_args
-        self.head = create_head(head_type, channels, num_classes, dropout, family, **options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 2 (stem), 4, 8, 16, 32."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from kanseg.layers.attention import KANSelfAttention
 
 from .blocks import ConvFactory, check_bottom_size
-from .heads import create_head
+from .heads import HeadMixin
 from .registry import register_model
 
 # 3x3 convs per stage for each depth, the stage widths, and the sixth stage of each version.
@@ -47,7 +47,7 @@ VGG_TYPES = tuple(f"VGG{d}{v}" for d in _CONVS_PER_STAGE for v in _EXTRA_STAGE)
 VGG_SA_TYPES = tuple(f"VGG{d}{v}sa" for d in _CONVS_PER_STAGE for v in ("", "v4"))
 
 
-class VGGKAN(nn.Module):
+class VGGKAN(HeadMixin, nn.Module):
     """VGG of 3x3 KAN convs (plain or bottleneck) with a classification head.
 
     The layer order matches torch-conv-kan's ``features`` list (index ``i`` is the ``i``-th
@@ -122,17 +122,9 @@ class VGGKAN(nn.Module):
         self.feature_strides = [2**i for i in range(len(self.feature_channels))]
         self.avgpool = nn.AdaptiveAvgPool2d(self.expected_feature_shape)
         flat = channels * prod(self.expected_feature_shape)
-        self._head_args = (head_type, flat, dropout_linear, family, family_options)
+        self.head_options = dict(head_type=head_type, in_features=flat,
+                                 dropout_linear=dropout_linear, family=family, **family_options)
         self.reset_classifier(num_classes)
-
-    def get_classifier(self) -> nn.Module:
-        """The head (``nn.Identity`` when there is none)."""
-        return self.classifier if self.classifier is not None else nn.Identity()
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a new, freshly initialised one for ``num_classes`` (0: none)."""
-        head_type, flat, dropout, family, options = self._head_args
-        self.classifier = create_head(head_type, flat, num_classes, dropout, family, **options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""
