@@ -27,27 +27,14 @@ from kanseg.files import atomic_write_text
 from kanseg.models.io import InitReport
 from kanseg.schema import ConfigError
 
-from .api import (base_fingerprint, kan_layer_names, load_adapter, merge, method_config, prepare,
-                  save_adapter, trainable_report)
+from .api import (base_fingerprint, kan_layer_names, load_adapter, merge, prepare, save_adapter,
+                  trainable_report)
 
 log = logging.getLogger("kanseg")
 
 ADAPTER_DIR = "adapter"
 RECORD = "peft.json"
 MERGED = "merged"  # the checkpoint of a merged run
-
-
-def check_peft_config(peft: PeftConfig) -> None:
-    """Check ``peft.method`` and ``peft.options`` without a model (errors name ``peft.<key>``)."""
-    if "trainable_modules" in peft.options:
-        raise ConfigError("peft.options.trainable_modules: list the modules that train in full "
-                          "in peft.trainable")
-    try:
-        method_config(peft.method, peft.options)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace(f"{peft.method} options", "peft.options")) from None
-    except ValueError as err:  # an unknown method
-        raise ConfigError(f"peft.method: {err}") from None
 
 
 def _check_trainable(model: nn.Module, names: Sequence[str]) -> None:

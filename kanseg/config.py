@@ -111,9 +111,7 @@ def config_from_dict(raw: Any, validate_model: bool = True) -> Config:
         inference=from_dict(InferenceConfig, raw.get("inference"), "inference"),
         peft=from_dict(PeftConfig, raw.get("peft"), "peft"),
     )
-    if cfg.peft.method is not None:  # the method and its options, errors naming peft.<key>
-        from kanpeft.segmentation_runs import check_peft_config
-
+    if cfg.peft.method is not None:
         check_peft_config(cfg.peft)
     _check_consistency(cfg)
     if validate_model:
@@ -149,6 +147,22 @@ def _check_consistency(cfg: Config) -> None:
         resolve_activation(cfg.loss, cfg.data.resolved_label_mode == "regions")
     except ValueError as err:
         raise ConfigError(f"loss: {err}") from None
+
+
+def check_peft_config(peft: PeftConfig) -> None:
+    """Check ``peft.method`` and ``peft.options`` without a model (errors name ``peft.<key>``),
+    with kanpeft's method configs."""
+    from kanpeft.api import method_config
+
+    if "trainable_modules" in peft.options:
+        raise ConfigError("peft.options.trainable_modules: list the modules that train in full "
+                          "in peft.trainable")
+    try:
+        method_config(peft.method, peft.options)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(f"{peft.method} options", "peft.options")) from None
+    except ValueError as err:  # an unknown method
+        raise ConfigError(f"peft.method: {err}") from None
 
 
 def check_model(model: ModelConfig) -> None:
