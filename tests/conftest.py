@@ -1,8 +1,10 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import importlib
 import locale
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -49,3 +51,19 @@ def read_only_folder(tmp_path):
         pytest.skip(f"cannot make a folder immutable here: {err}")
     yield folder
     subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+#: torch-conv-kan's source, next to this repository (read in parity tests, never copied)
+TCK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "torch-conv-kan"
+
+
+def import_reference(*names: str) -> tuple:
+    """torch-conv-kan modules (``"kan_convs"``, ``"models.ukanet"``...) imported from
+    :data:`TCK`; skips the test when the reference checkout is absent."""
+    if not (TCK / "kan_convs").is_dir():
+        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
+    sys.path.insert(0, str(TCK))
+    try:
+        return tuple(importlib.import_module(name) for name in names)
+    finally:
+        sys.path.remove(str(TCK))

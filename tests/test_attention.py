@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import cmath
 import copy
-import importlib
 import inspect
 import math
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ from torch import nn
 from kanseg.layers.attention import KANFocalModulation, KANSelfAttention, RotaryEmbedding
 from kanseg.models import convert_torch_conv_kan, create_model, load_torch_conv_kan
 from kanseg.models.tck_ukanet import TCKUKAGNet, TCKUKANet
-from test_models_convert import TCK, _randomise  # the reference's location, its randomiser
+from conftest import import_reference
+from test_models_convert import _randomise
 
 NORMS = {1: (nn.InstanceNorm1d, nn.BatchNorm1d), 2: (nn.InstanceNorm2d, nn.BatchNorm2d),
          3: (nn.InstanceNorm3d, nn.BatchNorm3d)}
@@ -30,16 +29,7 @@ SIZES = {1: (10,), 2: (2, 5), 3: (2, 1, 5)}
 @pytest.fixture(scope="module")
 def tck():
     """torch-conv-kan's ``kan_convs`` and ``models`` packages, imported from ../shared."""
-    if not (TCK / "kan_convs").is_dir():
-        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
-    sys.path.insert(0, str(TCK))
-    try:
-        kan_convs = importlib.import_module("kan_convs")
-        ukanet = importlib.import_module("models.ukanet")
-        vggkan = importlib.import_module("models.vggkan")
-    finally:
-        sys.path.remove(str(TCK))
-    return kan_convs, ukanet, vggkan
+    return import_reference("kan_convs", "models.ukanet", "models.vggkan")
 
 
 def _assert_converts(ref: nn.Module, x: torch.Tensor, kind: type) -> nn.Module:

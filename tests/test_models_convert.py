@@ -1,8 +1,6 @@
 """convert_torch_conv_kan: torch-conv-kan layer instances -> ours, equal outputs in eval mode."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +8,8 @@ from torch import nn
 
 from kanseg.layers import KANBottleneckConv, KANConv, KANLinear
 from kanseg.models import convert_torch_conv_kan
+from conftest import TCK, import_reference  # noqa: F401 - TCK is used by other tests
 
-TCK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "torch-conv-kan"
 CONV_CLASSES = {"kagn": ("kagn_conv", "KAGNConv{}DLayer"), "kaln": ("kaln_conv", "KALNConv{}DLayer"),
                 "kajn": ("kajn_conv", "KAJNConv{}DLayer"), "kacn": ("kacn_conv", "KACNConv{}DLayer"),
                 "kagn bottleneck": ("kagn_bottleneck_conv", "BottleNeckKAGNConv{}DLayer")}
@@ -22,15 +20,7 @@ NORMS = {1: (nn.InstanceNorm1d, nn.BatchNorm1d), 2: (nn.InstanceNorm2d, nn.Batch
 @pytest.fixture(scope="module")
 def tck():
     """The reference packages ``kan_convs`` and ``kans``, imported from ../shared."""
-    if not (TCK / "kan_convs").is_dir():
-        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
-    sys.path.insert(0, str(TCK))
-    try:
-        import kan_convs  # noqa: PLC0415 - the reference, imported at run time
-        import kans  # noqa: PLC0415
-    finally:
-        sys.path.remove(str(TCK))
-    return kan_convs, kans
+    return import_reference("kan_convs", "kans")
 
 
 def _randomise(module: nn.Module) -> None:
