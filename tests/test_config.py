@@ -56,6 +56,7 @@ def _write(tmp_path, text: str) -> Path:
     ("model.norm=bogus", "model.norm: norm must be one of"),
     ("model.kan_levels=[7]", "model.kan_levels: kan_levels must be distinct integers"),
     ("model.degree=-1", "model.degree: degree must be an integer >= 0"),
+    ("model.conv_strategy=fast", "model.conv_strategy: conv_strategy must be one of"),
     ("loss.name=dice_ce", "labels are overlapping regions"),
     ("inference.roi_size=[8,8]", "inference.roi_size: expected 3 positive sizes"),
     ("trainer.ema=1.5", "ema must be a decay in (0, 1)"),

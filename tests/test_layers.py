@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from kanseg.layers import BASIS_REGISTRY, KANBottleneckConv, KANConv, create_kan_conv
+from kanseg.layers import BASIS_REGISTRY, KANBottleneckConv, KANConv, OptionError, create_kan_conv
 
 FAMILIES = ["kagn", "kaln", "kacn", "kajn", "kabn", "fastkan", "kan", "wavkan", "relukan"]
 WAVELETS = ["mexican_hat", "morlet", "dog", "meyer"]
@@ -303,6 +303,19 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         create_kan_conv(**args)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(out_channels=5, groups=2), "groups"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(conv_strategy="fast"), "conv_strategy"),
+])
+def test_kan_conv_option_errors_carry_the_key(kwargs, key):
+    """KANConv's constructor checks name their option (configs report ``model.<key>``)."""
+    with pytest.raises(OptionError) as err:
+        create_kan_conv(**{**dict(family="kagn", spatial_dims=2, in_channels=4, out_channels=4,
+                                  kernel_size=3), **kwargs})
+    assert err.value.key == key
 
 
 def test_bad_input_shape_raises():

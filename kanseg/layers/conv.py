@@ -61,21 +61,21 @@ class KANConv(nn.Module):
     ):
         super().__init__()
         if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+            raise OptionError("spatial_dims",
+                              f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
         if groups < 1:
-            raise ValueError(f"groups must be a positive integer, got {groups!r}")
+            raise OptionError("groups", f"groups must be a positive integer, got {groups!r}")
         if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
-                f"by groups ({groups})"
-            )
+            raise OptionError("groups", f"in_channels ({in_channels}) and out_channels "
+                              f"({out_channels}) must be divisible by groups ({groups})")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+            raise OptionError("dropout", f"dropout must be in [0, 1), got {dropout!r}")
         if dropout_placement not in DROPOUT_PLACEMENTS:
             raise OptionError("dropout_placement", f"dropout_placement must be one of "
                               f"{DROPOUT_PLACEMENTS}, got {dropout_placement!r}")
         if conv_strategy not in STRATEGIES:
-            raise ValueError(f"conv_strategy must be one of {STRATEGIES}, got {conv_strategy!r}")
+            raise OptionError("conv_strategy", f"conv_strategy must be one of {STRATEGIES}, "
+                              f"got {conv_strategy!r}")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from kanseg.layers import create_norm
+from kanseg.layers.errors import OptionError
 from kanseg.layers.factories import conv_module
 
 from .blocks import ConvFactory, check_bottom_size
@@ -104,11 +105,12 @@ class DenseKANet(HeadMixin, nn.Module):
     ):
         super().__init__()
         if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
-            raise ValueError(f"block_config must list positive layer counts, got {block_config!r}")
+            raise OptionError("block_config",
+                              f"block_config must list positive layer counts, got {block_config!r}")
         for key, value in (("growth_rate", growth_rate), ("num_init_features", num_init_features),
                            ("bn_size", bn_size)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise OptionError(key, f"{key} must be a positive integer, got {value!r}")
         conv = ConvFactory(family, spatial_dims, norm, options=family_options)
         kan = {"bottleneck": bottleneck, "dim_reduction": 4.0}
         self.norm = norm

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kanseg.layers import LAYER_OPTIONS, create_activation, create_basis, create_kan_conv
+from kanseg.layers.errors import OptionError, UnknownOptionError
 from kanseg.layers.factories import conv_function, create_dropout, to_tuple
 
 from .densekanet import DenseBlock
@@ -189,13 +190,15 @@ class RDNet(HeadMixin, nn.Module):
         ese = tuple(ese) if ese is not None else (False,) * n_stages
         for key, value in (("num_blocks", num_blocks), ("downsample", downsample), ("ese", ese)):
             if len(value) != n_stages:
-                raise ValueError(f"{key} must have one entry per stage ({n_stages}, as "
-                                 f"growth_rates), got {tuple(value)!r}")
+                raise OptionError(key, f"{key} must have one entry per stage ({n_stages}, as "
+                                  f"growth_rates), got {tuple(value)!r}")
         if downsample[0]:
-            raise ValueError("downsample[0] must be false: the first stage follows the stem")
+            raise OptionError("downsample",
+                              "downsample[0] must be false: the first stage follows the stem")
         if "norm" in family_options:
-            raise ValueError("RDNet normalises every KAN conv with a channel LayerNorm; "
-                             f"norm={family_options['norm']!r} is not an option")
+            raise UnknownOptionError(
+                "norm", "RDNet normalises every KAN conv with a channel LayerNorm; "
+                f"norm={family_options['norm']!r} is not an option")
         self.downsample = tuple(bool(d) for d in downsample)
         units = _KANUnits(family, spatial_dims, bottleneck, activation, family_options)
         self.stem = units(in_channels, num_init_features, patch_size, stride=patch_size)

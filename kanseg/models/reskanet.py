@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from kanseg.layers.errors import OptionError
+
 from .blocks import BLOCK_KINDS, ConvFactory, res_stage
 from .heads import HeadMixin
 from .registry import register_model
@@ -50,14 +52,15 @@ class ResKANet(HeadMixin, nn.Module):
     ):
         super().__init__()
         if style not in STYLES:
-            raise ValueError(f"style must be one of {tuple(STYLES)}, got {style!r}")
+            raise OptionError("style", f"style must be one of {tuple(STYLES)}, got {style!r}")
         if block not in BLOCK_KINDS:
-            raise ValueError(f"block must be one of {BLOCK_KINDS}, got {block!r}")
+            raise OptionError("block", f"block must be one of {BLOCK_KINDS}, got {block!r}")
         if len(layers) != 4:
-            raise ValueError(f"layers must list 4 stage depths, got {tuple(layers)!r}")
+            raise OptionError("layers", f"layers must list 4 stage depths, got {tuple(layers)!r}")
         base = round(width * width_scale)
         if base < 1:
-            raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
+            raise OptionError("width" if width < 1 else "width_scale",
+                              f"width * width_scale must be >= 1, got {width} * {width_scale}")
         conv = ConvFactory(family, 2, norm, bottleneck_convs, options=family_options,
                            groups=groups)
         self.stem = conv(in_channels, base, 7, stride=2)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kanseg.layers.attention import KANSelfAttention
+from kanseg.layers.errors import OptionError
 
 from .blocks import ConvFactory, check_bottom_size
 from .heads import HeadMixin
@@ -39,7 +40,8 @@ def vgg_layout(vgg_type: str) -> list[int | str]:
                 for index in [i for i, item in enumerate(layout) if item == "M"][-2:]:
                     layout[index] = "SAM"
             return layout
-    raise ValueError(f"vgg_type must be one of {VGG_TYPES + VGG_SA_TYPES}, got {vgg_type!r}")
+    raise OptionError("vgg_type",
+                      f"vgg_type must be one of {VGG_TYPES + VGG_SA_TYPES}, got {vgg_type!r}")
 
 
 VGG_TYPES = tuple(f"VGG{d}{v}" for d in _CONVS_PER_STAGE for v in _EXTRA_STAGE)
