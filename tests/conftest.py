@@ -5,6 +5,7 @@ import importlib
 import locale
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Callable
 
@@ -67,3 +68,14 @@ def import_reference(*names: str) -> tuple:
         return tuple(importlib.import_module(name) for name in names)
     finally:
         sys.path.remove(str(TCK))
+
+
+def import_reference_models(*names: str) -> tuple:
+    """Modules of torch-conv-kan's ``models`` (``"densekanet"``, ``"vggkan"``...) imported as
+    ``tck_models.<name>``, without the package ``__init__`` (which imports every model and
+    their extra dependencies); skips the test when the reference checkout is absent."""
+    if not (TCK / "models").is_dir():
+        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
+    package = sys.modules.setdefault("tck_models", types.ModuleType("tck_models"))
+    package.__path__ = [str(TCK / "models")]
+    return import_reference(*(f"tck_models.{name}" for name in names))

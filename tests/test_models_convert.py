@@ -8,7 +8,7 @@ from torch import nn
 
 from kanseg.layers import KANBottleneckConv, KANConv, KANLinear
 from kanseg.models import convert_torch_conv_kan
-from conftest import TCK, import_reference  # noqa: F401 - TCK is used by other tests
+from conftest import import_reference
 
 CONV_CLASSES = {"kagn": ("kagn_conv", "KAGNConv{}DLayer"), "kaln": ("kaln_conv", "KALNConv{}DLayer"),
                 "kajn": ("kajn_conv", "KAJNConv{}DLayer"), "kacn": ("kacn_conv", "KACNConv{}DLayer"),

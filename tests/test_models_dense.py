@@ -2,10 +2,6 @@
 and conversion of torch-conv-kan's own networks with equal eval-mode outputs."""
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -19,7 +15,8 @@ from kanseg.models.densekanet import DENSE_LAYOUTS, DenseKANet
 from kanseg.models.rdnet import RDNET_VARIANTS, RDNet
 from kanseg.models.reskanet import ResKANet
 
-from test_models_convert import TCK, _randomise
+from conftest import import_reference_models
+from test_models_convert import _randomise
 
 SMALL = dict(growth_rate=4, num_init_features=8, bn_size=2, degree=1)
 
@@ -36,20 +33,10 @@ def _n_params(model: nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def tck_models():
-    """torch-conv-kan's ``models`` modules, imported from ../shared without running its
-    package ``__init__`` (which imports every model and their extra dependencies)."""
-    if not (TCK / "models").is_dir():
-        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
-    package = types.ModuleType("tck_models")
-    package.__path__ = [str(TCK / "models")]
-    sys.modules["tck_models"] = package
-    sys.path.insert(0, str(TCK))
-    try:
-        return {name: importlib.import_module(f"tck_models.{name}")
-                for name in ("densekanet", "reskanet")}
-    finally:
-        sys.path.remove(str(TCK))
+def tck_models() -> dict:
+    """torch-conv-kan's ``models.densekanet`` and ``models.reskanet`` (by module name)."""
+    names = ("densekanet", "reskanet")
+    return dict(zip(names, import_reference_models(*names)))
 
 
 # ----------------------------------------------------------------------------- DenseKANet
@@ -318,13 +305,9 @@ def test_networks_that_do_not_fit_one_network_are_refused(tck_models):
         convert_torch_conv_kan(reference)
 
 
-def test_rdnet_converts_with_equal_outputs(tck_models):
+def test_rdnet_converts_with_equal_outputs():
     pytest.importorskip("timm")
-    sys.path.insert(0, str(TCK))
-    try:
-        module = importlib.import_module("tck_models.kan_rdnet")
-    finally:
-        sys.path.remove(str(TCK))
+    (module,) = import_reference_models("kan_rdnet")
     torch.manual_seed(0)
     reference = module.KAGNRDNet(num_init_features=16, growth_rates=(8, 8, 16),
                                  num_blocks_list=(1, 2, 1),

@@ -2,10 +2,6 @@
 head type on VGG-KAN, ResKANet and DenseKANet, and torch-conv-kan's MatryoshkaHead converted."""
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 import pytest
 import torch
 from torch import nn
@@ -14,7 +10,7 @@ from kanseg.layers import KANLinear
 from kanseg.models import convert_torch_conv_kan, create_model
 from kanseg.models.heads import HEAD_TYPES, MatryoshkaLinear, create_head
 
-from test_models_convert import TCK
+from conftest import import_reference_models
 
 BACKBONES = {
     "vgg_kan": dict(vgg_type="VGG11", expected_feature_shape=(1, 1), in_channels=1),
@@ -137,13 +133,8 @@ def test_densekanet_reset_keeps_the_head_type():
 
 @pytest.mark.parametrize("efficient", [True, False])
 def test_reference_matryoshka_head_converts(efficient):
-    if not (TCK / "models" / "extra_layers.py").is_file():
-        pytest.skip(f"torch-conv-kan reference not found at {TCK}")
-    package = sys.modules.get("tck_models") or types.ModuleType("tck_models")
-    package.__path__ = [str(TCK / "models")]
-    sys.modules["tck_models"] = package
-    reference = importlib.import_module("tck_models.extra_layers").MatryoshkaHead(
-        [4, 8, 16], 5, efficient=efficient)
+    (extra_layers,) = import_reference_models("extra_layers")
+    reference = extra_layers.MatryoshkaHead([4, 8, 16], 5, efficient=efficient)
     ours = convert_torch_conv_kan(reference)
     assert isinstance(ours, MatryoshkaLinear)
     x = torch.randn(3, 16)

@@ -3,10 +3,8 @@ and parity with torch-conv-kan's MoE convs and MoE VGG checkpoints."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,9 @@ from kanseg.layers.auxiliary import collect_auxiliary_losses
 from kanseg.layers.moe import MoEKANConv
 from kanseg.models import convert_torch_conv_kan, create_model, load_torch_conv_kan
 from kanseg.models.convert_moe import moe_state_to_ours, moe_state_to_theirs
+from conftest import import_reference_models
 from test_attention import _saved_bytes
-from test_models_convert import TCK, tck  # noqa: F401 - the reference's kan_convs and kans
+from test_models_convert import tck  # noqa: F401 - the reference's kan_convs and kans
 
 
 
@@ -277,16 +276,9 @@ def test_networks_take_moe_options():
 
 # ----------------------------------------------------------------------------- parity
 @pytest.fixture(scope="module")
-def tck_models(tck):
-    """torch-conv-kan's ``models`` package (its ``kan_convs`` and ``kans`` already loaded)."""
-    if "models" in sys.modules:
-        return sys.modules["models"]
-    path = TCK / "models"
-    spec = importlib.util.spec_from_file_location("models", path / "__init__.py",
-                                                  submodule_search_locations=[str(path)])
-    module = sys.modules["models"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tck_vggkan():
+    """torch-conv-kan's ``models.vggkan`` (its MoE VGG builders)."""
+    return import_reference_models("vggkan")[0]
 
 
 MOE_FAMILIES = {"KAN": {}, "FastKAN": {}, "KALN": {"degree": 3, "groups": 2},
@@ -371,7 +363,7 @@ def test_checkpoint_layout_maps_both_ways(tck, inner):
 
 @pytest.mark.parametrize("builder", [pytest.param("moe_vggkagn", marks=pytest.mark.slow),
                                      "moe_vggkagn_bn"])
-def test_reference_moe_vggs_load_and_convert(tck_models, tmp_path, builder):
+def test_reference_moe_vggs_load_and_convert(tck_vggkan, tmp_path, builder):
     """A torch-conv-kan MoE VGG saved as its checkpoint folder loads with
     ``load_torch_conv_kan``, and the instance converts: equal logits and summed
     load-balancing losses in eval mode. Every expert gets every sample (k = experts): the
@@ -379,7 +371,7 @@ def test_reference_moe_vggs_load_and_convert(tck_models, tmp_path, builder):
     config = {"input_channels": 3, "num_classes": 5, "groups": 2, "degree": 2,
               "vgg_type": "VGG11", "num_experts": 2, "k": 2, "affine": True}
     torch.manual_seed(0)
-    ref = getattr(tck_models, builder)(**config)
+    ref = getattr(tck_vggkan, builder)(**config)
     _randomise(ref)
     ref.eval()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()},

@@ -24,7 +24,8 @@ from kanseg.layers.regularization import (ActivationPenalty, NoiseInjection, Wei
 from kanseg.models import accepted_arguments, create_model
 from kanseg.schema import ConfigError
 
-TCK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "torch-conv-kan"
+from conftest import TCK
+
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo3d.yaml"
 L1, L2, L1_ACT, L2_ACT = 0.01, 0.1, 0.003, 0.02
 
