@@ -93,6 +93,41 @@ def test_schedule_warmup_then_decay(schedule):
     assert lrs == pytest.approx(expected)
 
 
+def test_budget_horizon_decays_with_whichever_of_steps_and_time_is_further():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    spent = [0.0]
+    sched = build_scheduler(opt, total_steps=101, warmup_steps=1, schedule="poly",
+                            time_progress=lambda: spent[0])
+    lrs = []
+    for share in (0.0, 0.5, 0.0, 1.0):  # steps 1..4: step progress is 0, .01, .02, .03
+        spent[0] = share
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1.0, 0.5 ** 0.9, 0.98 ** 0.9, 0.0])
+
+
+def test_budget_horizon_needs_a_time_budget():
+    with pytest.raises(ValueError, match="schedule_horizon: budget needs a time budget"):
+        TrainerConfig(schedule_horizon="budget")
+
+
+@pytest.mark.parametrize("horizon", ["epochs", "budget"])
+def test_run_stopped_by_the_clock_ends_annealed_only_with_budget_horizon(tmp_path, horizon):
+    x = torch.rand(64, 2)
+    loader = DataLoader(TensorDataset(x, torch.zeros(64, 1)), batch_size=1)
+    config = TrainerConfig(max_epochs=1000, max_minutes=0.005, lr=0.1, schedule="cosine",
+                           schedule_horizon=horizon)
+    trainer = Trainer(nn.Linear(2, 1), nn.MSELoss(), loader, config, tmp_path)
+    state = trainer.fit()
+    assert state.epoch < 1000  # the clock stopped it
+    final_lr = trainer.scheduler.get_last_lr()[0]
+    if horizon == "budget":
+        assert final_lr < 0.01  # cosine at >= 0.95 of the budget: <= 0.6% of the base lr
+    else:
+        assert final_lr > 0.099  # a few hundred of 64000 steps: still at the base lr
+
+
 def test_sampler_order_depends_only_on_seed_and_epoch():
     ds = TensorDataset(torch.arange(10.0))
     loader_a, sampler_a = make_resumable(DataLoader(ds, batch_size=3), seed=5)

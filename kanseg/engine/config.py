@@ -15,6 +15,11 @@ class TrainerConfig:
     ``init_from``: a run folder (its best checkpoint), checkpoint folder or safetensors file
     whose matching tensors initialise the model (transfer); the others are reported, and
     ``init_strict: true`` makes any difference an error. Ignored when resuming.
+    ``schedule_horizon``: the span the lr schedule decays over. ``epochs`` (the default) is
+    ``max_epochs``, so the lr of a step is the same whatever the machine's speed. ``budget``
+    also follows the share of ``max_minutes`` spent, whichever is further along, so a run that
+    the clock stops still ends with the lr annealed (budgeted training; the lr then depends on
+    the machine's speed, as the step where the clock stops already does).
     """
 
     max_epochs: int = 100
@@ -26,6 +31,7 @@ class TrainerConfig:
     warmup_epochs: float = 0.0
     warmup_steps: Optional[int] = None
     schedule: Literal["cosine", "poly", "constant"] = "cosine"
+    schedule_horizon: Literal["epochs", "budget"] = "epochs"
     min_lr_ratio: float = 0.0
     grad_clip: Optional[float] = 1.0
     grad_accum: int = 1
@@ -58,6 +64,9 @@ class TrainerConfig:
             raise ValueError(f"ckpt_every_steps must be >= 1 or null, got {self.ckpt_every_steps}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
+        if self.schedule_horizon == "budget" and self.max_minutes is None:
+            raise ValueError("schedule_horizon: budget needs a time budget; set max_minutes "
+                             "or use schedule_horizon: epochs")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

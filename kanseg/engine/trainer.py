@@ -190,9 +190,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum)
         warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                   else round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.scheduler = build_scheduler(self.optimizer.optimizer,
-                                         self.steps_per_epoch * cfg.max_epochs, warmup,
-                                         cfg.schedule, cfg.min_lr_ratio)
+        self._t0 = time.monotonic()  # reset by fit(), minus the time of a resumed run
+        self.scheduler = build_scheduler(
+            self.optimizer.optimizer, self.steps_per_epoch * cfg.max_epochs, warmup,
+            cfg.schedule, cfg.min_lr_ratio,
+            time_progress=self._budget_spent if cfg.schedule_horizon == "budget" else None)
         self.ema = (AveragedModel(self.acc.unwrap_model(self.model),
                                   multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
                     if cfg.ema else None)
@@ -317,6 +319,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.acc.unwrap_model(self.model))
         return True
+
+    def _budget_spent(self) -> float:
+        """Share of ``max_minutes`` spent (shared by all processes, like the stop decision)."""
+        spent = torch.tensor([(time.monotonic() - self._t0) / (60 * self.cfg.max_minutes)],
+                             device=self.acc.device)
+        if self.acc.num_processes > 1:
+            spent = broadcast(spent)
+        return float(spent.item())
 
     def _out_of_time(self) -> bool:
         """Whether ``max_minutes`` is spent (decided by the main process, shared by all)."""
