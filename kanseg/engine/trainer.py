@@ -321,7 +321,7 @@ class Trainer:
         return True
 
     def _budget_spent(self) -> float:
-        """Share of ``max_minutes`` spent (shared by all processes, like the stop decision)."""
+        """Share of ``max_minutes`` spent, as the main process measures it (shared by all)."""
         spent = torch.tensor([(time.monotonic() - self._t0) / (60 * self.cfg.max_minutes)],
                              device=self.acc.device)
         if self.acc.num_processes > 1:
@@ -330,13 +330,7 @@ class Trainer:
 
     def _out_of_time(self) -> bool:
         """Whether ``max_minutes`` is spent (decided by the main process, shared by all)."""
-        if self.cfg.max_minutes is None:
-            return False
-        over = torch.tensor([float(time.monotonic() - self._t0 > 60 * self.cfg.max_minutes)],
-                            device=self.acc.device)
-        if self.acc.num_processes > 1:
-            over = broadcast(over)
-        return bool(over.item())
+        return self.cfg.max_minutes is not None and self._budget_spent() > 1.0
 
     def _eta(self, bar: tqdm) -> str:
         """Estimated time to the end of training (epochs x batches at the current rate)."""
