@@ -122,7 +122,8 @@ def test_baseline_builds_any_size(name, dims):
 def test_baseline_trains_one_epoch_3d(name, tmp_path, msd_root):
     rows = train_once(HIPPOCAMPUS, tmp_path / name, f"data.root={msd_root}",
                       f"model.name={name}", f"model.width={SMALL[name]}",
-                      "trainer.max_minutes=null", "trainer.max_epochs=1", "trainer.val_every=1",
+                      "trainer.max_minutes=null", "trainer.schedule_horizon=epochs",
+                      "trainer.max_epochs=1", "trainer.val_every=1",
                       "data.num_workers=0", f"data.patch_size={[PATCH[name]] * 3}",
                       "data.batch_size=2")
     assert rows and 0.0 <= float(rows[-1]["val_dice_mean"]) <= 1.0

@@ -32,7 +32,8 @@ HIPPOCAMPUS = REPO / "configs" / "msd_hippocampus.yaml"
 PEFT = REPO / "configs" / "msd_hippocampus_peft.yaml"
 #: the shipped hippocampus model at width 4 on 16^3 patches: seconds per epoch on a CPU
 TINY = ["data.patch_size=[16,16,16]", "data.batch_size=2", "data.num_workers=0",
-        "model.width=4", "trainer.max_minutes=null", "trainer.max_epochs=1",
+        "model.width=4", "trainer.max_minutes=null", "trainer.schedule_horizon=epochs",
+        "trainer.max_epochs=1",
         "trainer.val_every=1", "trainer.warmup_epochs=0", "inference.sw_batch_size=4"]
 #: method -> (config, overrides); lora turns the plain hippocampus config into a PEFT run
 METHODS = {
