@@ -16,15 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-# run as a script, this folder comes first on sys.path, where benchmarks/peft.py would shadow
-# HF peft (which kanpeft imports)
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import kanpeft  # noqa: E402
-from kanseg.layers import create_kan_conv  # noqa: E402
+import kanpeft
+from kanseg.layers import create_kan_conv
 
 #: row name -> (method, options)
 ADAPTERS = {

@@ -83,8 +83,11 @@ def run_one(command: list[str], run_dir: Path, log_path: Path) -> dict[str, Any]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "w") as log:
-        rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = rc = os.waitstatus_to_exitcode(status)
     record = {"returncode": rc, "wall_s": round(time.monotonic() - start, 1),
+              "peak_rss_mb": round(usage.ru_maxrss / 1024),  # KiB on Linux
               "command": shlex.join(command), "log": str(log_path)}
     if rc == 0:
         (run_dir / DONE).write_text(json.dumps(record, indent=2))
@@ -139,7 +142,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {kind: {k: mean_sd([r[kind][k] for r in done]) for k in done[0][kind]}
             for kind in ("final", "best")} | {
         "patches_per_s": statistics.median(r["patches_per_s"] for r in done),
-        "steps": statistics.median(r["steps"] for r in done), "finished": len(done)}
+        "steps": statistics.median(r["steps"] for r in done), "finished": len(done),
+        "peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in done), default=0)}
 
 
 def fmt(stat: dict[str, float] | None) -> str:

@@ -27,6 +27,7 @@ from kanseg.files import atomic_write_text
 from kanseg.models.io import InitReport
 from kanseg.schema import ConfigError
 
+from .methods.common import AdapterConfig, freeze_except
 from .api import (base_fingerprint, kan_layer_names, load_adapter, merge, prepare, save_adapter,
                   trainable_report)
 
@@ -101,18 +102,32 @@ def _check_reinitialised(model: nn.Module, report: InitReport, trainable: Sequen
                           "peft.trainable so that they train")
 
 
+def train_only(model: nn.Module, peft: PeftConfig) -> nn.Module:
+    """Partial fine-tuning, no adapter (``peft.method: null``): freeze ``model`` except the
+    ``peft.trainable`` modules (and its norms with ``peft.options.train_norm``)."""
+    _check_trainable(model, peft.trainable)
+    freeze_except(model, AdapterConfig(train_norm=bool(peft.options.get("train_norm")),
+                                       trainable_modules=list(peft.trainable)))
+    return model
+
+
 def start_adapted(model: nn.Module, cfg: Config, run_dir: Path,
                   base: tuple[Path, InitReport] | None, main: bool = True) -> nn.Module:
-    """Adapt ``model`` for training (:func:`adapt`) and log its trainable parameters. ``base``
-    (a fresh start: the weights file ``trainer.init_from`` loaded and its report) is checked
-    and recorded in ``run_dir/peft.json`` by the ``main`` process; None when resuming."""
+    """Adapt ``model`` for training (:func:`adapt`; :func:`train_only` without a method) and
+    log its trainable parameters. ``base`` (a fresh start: the weights file
+    ``trainer.init_from`` loaded and its report) is checked and recorded in
+    ``run_dir/peft.json`` by the ``main`` process; None when resuming."""
     if base is not None:
         _check_reinitialised(model, base[1], cfg.peft.trainable)
-    prepared = adapt(model, cfg.peft)
+    if cfg.peft.method is None:
+        prepared = train_only(model, cfg.peft)
+    else:
+        prepared = adapt(model, cfg.peft)
     report = trainable_report(prepared, depth=2, show=False)
-    log.info("peft %s: %s of %s parameters train (%.2f%%)\n%s", cfg.peft.method,
-             f"{report.trainable:,}", f"{report.total:,}", 100 * report.ratio, report)
-    if base is not None and main:
+    log.info("peft %s: %s of %s parameters train (%.2f%%)\n%s", cfg.peft.method or
+             f"none (trains {', '.join(cfg.peft.trainable)})", f"{report.trainable:,}",
+             f"{report.total:,}", 100 * report.ratio, report)
+    if base is not None and main and cfg.peft.method is not None:
         record = {"method": cfg.peft.method, "options": cfg.peft.options,
                   "trainable": cfg.peft.trainable, "trainable_parameters": report.trainable,
                   "total_parameters": report.total,

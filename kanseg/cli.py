@@ -70,15 +70,18 @@ def _command(argv: Sequence[str]) -> str | None:
 
 
 def _plain_deprecations() -> None:
-    """Show config-key deprecations as one ``kanseg: warning:`` line, without a source line."""
-    from kanseg.schema import DeprecatedKeyWarning
+    """Show config-key and model-option deprecations as one ``kanseg: warning:`` line, without
+    a source line."""
+    from kanseg.schema import DeprecatedKeyWarning, DeprecatedOptionWarning
 
     show = warnings.showwarning
     if getattr(show, "plain_deprecations", False):  # main() called again in one process
         return
+    # a DeprecationWarning, hidden by default outside __main__: show it (once per place)
+    warnings.filterwarnings("default", category=DeprecatedOptionWarning)
 
     def plain(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        if issubclass(category, DeprecatedKeyWarning):
+        if issubclass(category, (DeprecatedKeyWarning, DeprecatedOptionWarning)):
             print(f"kanseg: warning: {message}", file=sys.stderr)
         else:
             show(message, category, filename, lineno, file, line)

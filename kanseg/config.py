@@ -65,7 +65,9 @@ class InferenceConfig:
 class PeftConfig:
     """Parameter-efficient adaptation (kanpeft) of the network that ``trainer.init_from`` loads.
 
-    ``method``: null (no PEFT: every parameter trains), ``basis``, ``scales`` or ``lora``.
+    ``method``: null (no adapter: every parameter trains, or with ``trainable`` only those
+    modules, e.g. ``[up, decoder, heads]`` for decoder-only fine-tuning), ``basis``, ``scales``
+    or ``lora``.
     ``options``: the method's options (``target_modules``: regexes of the KAN layers to adapt,
     null = all; ``train_norm``; ``r`` / ``alpha`` of lora; ``degrees`` / ``extra_degrees`` of
     basis; ``base`` / ``basis`` / ``degree`` / ``shift`` of scales). ``trainable``: modules that
@@ -111,8 +113,7 @@ def config_from_dict(raw: Any, validate_model: bool = True) -> Config:
         inference=from_dict(InferenceConfig, raw.get("inference"), "inference"),
         peft=from_dict(PeftConfig, raw.get("peft"), "peft"),
     )
-    if cfg.peft.method is not None:
-        check_peft_config(cfg.peft)
+    check_peft_config(cfg.peft)
     _check_consistency(cfg)
     if validate_model:
         check_model(cfg.model)
@@ -152,6 +153,12 @@ def _check_consistency(cfg: Config) -> None:
 def check_peft_config(peft: PeftConfig) -> None:
     """Check ``peft.method`` and ``peft.options`` without a model (errors name ``peft.<key>``),
     with kanpeft's method configs."""
+    if peft.method is None:
+        unknown = sorted(set(peft.options) - {"train_norm"})
+        if unknown:
+            raise ConfigError(f"peft.options.{unknown[0]}: without peft.method only train_norm "
+                              "applies (the peft.trainable modules train in full)")
+        return
     from kanpeft.api import method_config
 
     if "trainable_modules" in peft.options:

@@ -28,6 +28,12 @@ class DeprecatedKeyWarning(FutureWarning):
     """A config uses the old name of a renamed key (it still works)."""
 
 
+class DeprecatedOptionWarning(DeprecationWarning):
+    """A model was given the old name of a renamed option (it still works; see
+    :func:`kanseg.models.registry.renamed_options`). The ``kanseg`` CLI shows it like a
+    :class:`DeprecatedKeyWarning`."""
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

@@ -75,9 +75,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str | Path | None = None,
 def _train(cfg: Config, run_dir: Path, resume: str | Path | None, check: bool) -> TrainState:
     """Check the data, build loaders/model/loss/validator and train into ``run_dir``; with a
     ``peft`` section, adapt the network loaded from ``trainer.init_from`` (kanpeft)."""
-    if cfg.peft.method and not cfg.trainer.init_from:
-        raise ConfigError(f"peft.method={cfg.peft.method} adapts a pretrained network: give it "
-                          "with --init-from RUN (trainer.init_from)")
+    if (cfg.peft.method or cfg.peft.trainable) and not cfg.trainer.init_from:
+        what = (f"peft.method={cfg.peft.method}" if cfg.peft.method
+                else f"peft.trainable={cfg.peft.trainable}")
+        raise ConfigError(f"{what} adapts a pretrained network: give it with --init-from RUN "
+                          "(trainer.init_from)")
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, main=_is_main())
     if check:
@@ -98,7 +100,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | Path | None, check: bool) -
     base = None  # (weights file, what was loaded) of a fresh start from trainer.init_from
     if cfg.trainer.init_from and resume is None:
         base = initialise(model, cfg.trainer.init_from, cfg.trainer.init_strict)
-    if cfg.peft.method:  # base is None when resuming: the checkpoint holds base and adapter
+    if cfg.peft.method or cfg.peft.trainable:  # base is None when resuming
         from kanpeft.segmentation_runs import save_run_adapter, start_adapted
 
         model = start_adapted(model, cfg, run_dir, base, _is_main())

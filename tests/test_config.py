@@ -57,6 +57,7 @@ def _write(tmp_path, text: str) -> Path:
     ("model.kan_levels=[7]", "model.kan_levels: kan_levels must be distinct integers"),
     ("model.degree=-1", "model.degree: degree must be an integer >= 0"),
     ("model.conv_strategy=fast", "model.conv_strategy: conv_strategy must be one of"),
+    ("model.width_scale=0.01", "model.width: width * width_scale must be >= 1"),
     ("loss.name=dice_ce", "labels are overlapping regions"),
     ("inference.roi_size=[8,8]", "inference.roi_size: expected 3 positive sizes"),
     ("trainer.ema=1.5", "ema must be a decay in (0, 1)"),
@@ -128,6 +129,23 @@ def test_renamed_key_still_works_with_a_warning_and_is_saved_under_its_new_name(
         load_config(demo, ["loss.lambda_ce=0.25", "loss.lambda_voxel=0.5"])
 
 
+@pytest.mark.filterwarnings("ignore:model.name=densekanet. dropped:UserWarning")
+def test_renamed_model_option_still_works_with_a_warning(demo):
+    """``model.bottleneck`` (every KAN conv a bottleneck conv) is now ``bottleneck_convs``."""
+    import torch
+
+    dense = ["model.name=densekanet", "model.block_config=[1,1]", "model.growth_rate=4",
+             "model.num_init_features=8", "model.bn_size=2"]
+    with pytest.warns(DeprecationWarning,
+                      match="model option bottleneck is deprecated; use bottleneck_convs"):
+        cfg = load_config(demo, dense + ["model.bottleneck=true"])
+    with pytest.warns(DeprecationWarning), torch.device("meta"):
+        assert cfg.model.build().model_config["bottleneck_convs"] is True
+    with pytest.raises(ConfigError, match=r"model\.bottleneck_convs: bottleneck and "
+                                          r"bottleneck_convs are the same option"):
+        load_config(demo, dense + ["model.bottleneck=true", "model.bottleneck_convs=true"])
+
+
 def test_loss_weights_reach_the_voxelwise_term():
     """``lambda_voxel`` weights cross-entropy, BCE and focal: each loss equals its Dice term
     plus lambda_voxel x its voxel-wise term, computed here with MONAI's separate losses."""
@@ -156,18 +174,26 @@ def test_loss_weights_reach_the_voxelwise_term():
     torch.testing.assert_close(loss(logits, onehot), sigmoid_dice + 0.3 * bce)
 
 
-def test_cli_shows_a_deprecated_key_as_one_plain_line(tmp_path, demo):
+@pytest.mark.parametrize("file_loss, overrides, line", [
+    ("  lambda_ce: 0.5\n", [],
+     "config key loss.lambda_ce is deprecated; use loss.lambda_voxel"),
+    ("", ["model.name=densekanet", "model.block_config=[1,1]", "model.growth_rate=4",
+          "model.num_init_features=8", "model.bottleneck=true"],
+     "model option bottleneck is deprecated; use bottleneck_convs"),
+], ids=["config key", "model option"])
+def test_cli_shows_a_deprecation_as_one_plain_line(tmp_path, demo, file_loss, overrides, line):
     import subprocess
     import sys
 
     text = demo.read_text()
     assert "loss:\n" in text
-    config = _write(tmp_path, text.replace("loss:\n", "loss:\n  lambda_ce: 0.5\n", 1))
+    config = _write(tmp_path, text.replace("loss:\n", "loss:\n" + file_loss, 1))
+    sets = [arg for value in overrides for arg in ("--set", value)]
     result = subprocess.run(
         [sys.executable, "-m", "kanseg.cli", "train", "--config", str(config), "--run-dir",
-         str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'no_data'}"],
+         str(tmp_path / "run"), "--set", f"data.root={tmp_path / 'no_data'}", *sets],
         capture_output=True, text=True)
     assert result.returncode == 1
-    assert ("kanseg: warning: config key loss.lambda_ce is deprecated; use loss.lambda_voxel"
-            in result.stderr.splitlines()), result.stderr
-    assert "FutureWarning" not in result.stderr and "Traceback" not in result.stderr
+    assert f"kanseg: warning: {line}" in result.stderr.splitlines(), result.stderr
+    assert not any(kind in result.stderr for kind in ("FutureWarning", "DeprecationWarning",
+                                                       "Traceback"))

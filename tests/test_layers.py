@@ -309,6 +309,10 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     (dict(out_channels=5, groups=2), "groups"),
     (dict(dropout=1.5), "dropout"),
     (dict(conv_strategy="fast"), "conv_strategy"),
+    (dict(stride=(1, 1, 1)), "stride"),
+    (dict(activation="tanhh"), "activation"),
+    (dict(base_activation="tanhh"), "base_activation"),
+    (dict(base_activation="tanhh", bottleneck=True), "base_activation"),
 ])
 def test_kan_conv_option_errors_carry_the_key(kwargs, key):
     """KANConv's constructor checks name their option (configs report ``model.<key>``)."""

@@ -48,6 +48,10 @@ def test_registry_names_and_errors():
     ("densekanet", {"growth_rate": 0}, "growth_rate", False),
     ("rdnet", {"downsample": [True] * 7}, "downsample", False),
     ("rdnet", {"norm": "batch"}, "norm", True),
+    ("ukanet", {"width": 2, "width_scale": 0.1}, "width", False),
+    ("ukanet", {"activation": "tanhh"}, "activation", False),
+    ("ukanet", {"base_activation": "tanhh"}, "base_activation", False),
+    ("vgg_kan", {"bottleneck": True, "bottleneck_convs": True}, "bottleneck_convs", False),
     ("segresnet", {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "width": 3},
      "width", False),
 ])
@@ -75,6 +79,54 @@ def test_register_model_decorator():
         register_model("test_tiny_linear", tiny)
     with pytest.raises(ValueError, match="bias"):
         create_model("test_tiny_linear", bias=False)
+
+
+#: small layouts of the networks whose ``bottleneck`` option is now ``bottleneck_convs``, and a
+#: value unlike its default
+RENAMED_BOTTLENECK = [
+    ("vgg_kan", dict(num_classes=3, degree=1), True),
+    ("densekanet", dict(num_classes=3, block_config=(1, 1), growth_rate=4, num_init_features=8,
+                        bn_size=2, degree=1), True),
+    ("rdnet", dict(num_classes=3, num_init_features=8, growth_rates=(8, 8), num_blocks=(1, 1),
+                   downsample=(False, True), degree=1), False),
+]
+
+
+@pytest.mark.parametrize("name, options, value", RENAMED_BOTTLENECK)
+def test_bottleneck_is_a_deprecated_name_of_bottleneck_convs(name, options, value):
+    """The old model option builds the same network, with a DeprecationWarning, and is recorded
+    under its new name; giving both names is an OptionError for ``bottleneck_convs``."""
+    from kanseg.layers import KANBottleneckConv, OptionError
+    from kanseg.models import get_model_spec, resolved_config
+
+    def shapes(model: torch.nn.Module) -> dict:
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    with torch.device("meta"):
+        new = create_model(name, bottleneck_convs=value, **options)
+        with pytest.warns(DeprecationWarning,
+                          match="model option bottleneck is deprecated; use bottleneck_convs"):
+            old = create_model(name, bottleneck=value, **options)
+        with pytest.warns(DeprecationWarning, match="model option bottleneck is deprecated"):
+            direct = get_model_spec(name).builder(bottleneck=value, **options)
+        default = create_model(name, **options)
+    assert shapes(old) == shapes(new) == shapes(direct) != shapes(default)
+    assert any(isinstance(m, KANBottleneckConv) for m in new.modules()) == value
+    assert old.model_config == new.model_config  # saved under the new name
+    resolved = resolved_config(old)
+    assert "bottleneck" not in resolved and resolved["bottleneck_convs"] == value
+    with pytest.raises(OptionError, match="bottleneck and bottleneck_convs are the same") as err:
+        create_model(name, bottleneck=value, bottleneck_convs=value, **options)
+    assert err.value.key == "bottleneck_convs"
+
+
+def test_the_old_name_overrides_a_registered_default_of_the_new_one():
+    """``densekanet_tiny_bn`` registers ``bottleneck_convs=True``: ``bottleneck=False`` from a
+    user is that option, not a second one."""
+    with pytest.warns(DeprecationWarning), torch.device("meta"):
+        model = create_model("densekanet_tiny_bn", bottleneck=False, num_classes=3)
+    assert model.model_config["bottleneck_convs"] is False
+    assert "bottleneck" not in model.model_config
 
 
 def test_count_parameters_matches_a_real_build():

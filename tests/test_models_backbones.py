@@ -46,7 +46,7 @@ def test_every_vgg_type_builds_and_runs(vgg_type):
 @pytest.mark.parametrize("family,options", [("kagn", {"degree": 2}), ("kaln", {"degree": 1}),
                                             ("relukan", {})])
 def test_vgg_bottleneck_layers_groups_and_heads(family, options):
-    model = create_model("vgg_kan", family=family, bottleneck=True, norm="batch", groups=2,
+    model = create_model("vgg_kan", family=family, bottleneck_convs=True, norm="batch", groups=2,
                          head_type="VGG", num_classes=4, expected_feature_shape=(2, 2),
                          **options)
     kan = [m for m in model.features if not isinstance(m, torch.nn.MaxPool2d)]

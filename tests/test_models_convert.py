@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from kanseg.layers import KANBottleneckConv, KANConv, KANLinear
-from kanseg.models import convert_torch_conv_kan
-from conftest import import_reference
+from kanseg.models import VGGKAN, convert_torch_conv_kan
+from kanseg.layers.attention import KANSelfAttention
+from conftest import import_reference, import_reference_models
 
 CONV_CLASSES = {"kagn": ("kagn_conv", "KAGNConv{}DLayer"), "kaln": ("kaln_conv", "KALNConv{}DLayer"),
                 "kajn": ("kajn_conv", "KAJNConv{}DLayer"), "kacn": ("kacn_conv", "KACNConv{}DLayer"),
@@ -71,6 +72,17 @@ def test_linear_layers_convert_with_equal_outputs(tck, cls_name, args):
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
+def test_linear_layer_activations_convert_or_are_refused(tck):
+    """KALNLayer's base activation (GELU in ``mlp_kaln``) converts; GRAMLayer applies its act to
+    the Gram basis too, where ours has SiLU built in, so another act is refused."""
+    torch.manual_seed(0)
+    ref = tck[1].KALNLayer(6, 4, 3, base_activation=nn.GELU).eval()
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(convert_torch_conv_kan(ref)(x), ref(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="GRAMLayer: activation GELU does not convert"):
+        convert_torch_conv_kan(tck[1].GRAMLayer(6, 4, 3, act=nn.GELU))
+
+
 def test_unsupported_class_is_named():
     with pytest.raises(ValueError, match=r"Conv2d: no conversion; covered .*KAGNConvNDLayer"):
         convert_torch_conv_kan(nn.Conv2d(2, 2, 3))
@@ -127,3 +139,51 @@ def test_kan_networks_convert(tck, cls_name):
     assert sum(isinstance(m, KANLinear) for m in ours.modules()) == 2
     x = torch.randn(5, 6)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- VGGs
+@pytest.fixture(scope="module")
+def tck_vggkan():
+    """torch-conv-kan's ``models.vggkan``."""
+    return import_reference_models("vggkan")[0]
+
+
+VGG_CASES = {  # class, constructor options (beyond 3 inputs, 5 classes, pooled to 1x1)
+    "kagn-groups-l1": ("VGGKAGN", dict(vgg_type="VGG11", groups=2, degree=2, affine=True,
+                                       dropout=0.1, l1_decay=0.01, dropout_linear=0.1)),
+    "kagn-bn-sa-batch": ("VGGKAGN_BN", dict(vgg_type="VGG11sa", degree=2, affine=True,
+                                            norm_layer=nn.BatchNorm2d, last_attention=True,
+                                            sa_inner_projection=2, head_type="Matryoshka")),
+    "kaln-batch-vgg-head": ("VGGKALN", dict(vgg_type="VGG11", groups=2, degree=2,
+                                            norm_layer=nn.BatchNorm2d, head_type="VGG")),
+    "kagn-no-head": ("VGGKAGN", dict(vgg_type="VGG11v2", degree=1, head_type=None)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VGG_CASES))
+def test_vggs_convert_with_equal_outputs(tck_vggkan, case):
+    """torch-conv-kan VGG instances -> our vgg_kan: equal eval-mode outputs (logits, Matryoshka
+    logits, or features without a head), options read off the instance."""
+    cls_name, options = VGG_CASES[case]
+    torch.manual_seed(0)
+    ref = getattr(tck_vggkan, cls_name)(3, 5, expected_feature_shape=(1, 1), **options)
+    _randomise(ref)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref)
+    assert isinstance(ours, VGGKAN) and not ours.training
+    assert ours.family == ("kaln" if cls_name == "VGGKALN" else "kagn")
+    assert sum(isinstance(m, KANSelfAttention) for m in ours.features) == (
+        3 if options.get("last_attention") else 0)
+    size = 64 if options["vgg_type"].endswith("v2") else 32  # 2x2 at the bottom
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_vggs_of_other_convs_and_kan_heads_are_refused(tck_vggkan):
+    ref = tck_vggkan.VGGKACN(3, 5, degree=2, expected_feature_shape=(1, 1))
+    with pytest.raises(ValueError, match=r"VGGKACN: no conversion; .*VGGKAGN, VGGKAGN_BN"):
+        convert_torch_conv_kan(ref)
+    ref = tck_vggkan.VGGKAGN(3, 5, degree=1, expected_feature_shape=(1, 1), head_type="KAN")
+    with pytest.raises(ValueError, match=r"VGGKAGN: head KAN does not convert .*GELU"):
+        convert_torch_conv_kan(ref)

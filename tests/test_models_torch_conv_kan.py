@@ -176,7 +176,7 @@ def test_save_round_trip_writes_their_exact_layout(tmp_path, vgg_type, groups, d
 
 
 def test_save_from_a_fresh_model_and_reload(tmp_path):
-    model = create_model("vgg_kan", vgg_type="VGG11v4", num_classes=7, bottleneck=True,
+    model = create_model("vgg_kan", vgg_type="VGG11v4", num_classes=7, bottleneck_convs=True,
                          norm="batch", degree=5, width_scale=1, expected_feature_shape=(1, 1))
     folder = save_torch_conv_kan(model.eval(), tmp_path / "v4")
     written = load_file(folder / "model.safetensors")

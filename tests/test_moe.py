@@ -265,7 +265,7 @@ def test_networks_take_moe_options():
     losses = [net.get_submodule(n).auxiliary_loss() for n in names]
     assert_close(collect_auxiliary_losses(net, by_kind=True)["load_balance"], sum(losses))
     vgg = create_model("vgg_kan", in_channels=3, num_classes=4, vgg_type="VGG11",
-                       moe_experts=2, bottleneck=True, moe_inner=True)
+                       moe_experts=2, bottleneck_convs=True, moe_inner=True)
     assert not _mixtures(vgg.features[0])
     assert all(isinstance(f.core, MoEKANConv) for f in vgg.features[1:]
                if isinstance(f, KANBottleneckConv))

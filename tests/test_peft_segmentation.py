@@ -142,6 +142,27 @@ def test_adapted_run_trains_resumes_infers_and_merges(method, tmp_path, msd_root
         assert "trained on another base" in capsys.readouterr().err
 
 
+def test_decoder_only_trains_the_listed_modules_of_a_plain_run(tmp_path, msd_root, base_run):
+    """peft.method null + peft.trainable: no adapter, only those modules change."""
+    run = tmp_path / "decoder"
+    assert main(["train", "--config", str(HIPPOCAMPUS), "--run-dir", str(run),
+                 "--init-from", str(base_run),
+                 *_sets(f"data.root={msd_root}", *TINY,
+                        "peft.trainable=[up, decoder, heads]")]) == 0
+    before = load_weights(base_run / "checkpoints/best/model.safetensors")
+    after = load_weights(run / "checkpoints/last/model.safetensors")
+    assert set(after) == set(before)  # a plain model: no adapter tensors
+    tuned = ("up.", "decoder.", "heads.")
+    for name, tensor in after.items():
+        if not name.startswith(tuned):
+            assert torch.equal(tensor, before[name]), f"frozen tensor {name} changed"
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("decoder."))
+    assert not (run / "adapter").exists() and not (run / "peft.json").exists()
+    assert "peft none (trains up, decoder, heads):" in (run / "train.log").read_text()
+    with pytest.raises(ConfigError, match=r"peft\.options\.r: without peft\.method"):
+        load_config(HIPPOCAMPUS, ["peft.trainable=[heads]", "peft.options={r: 2}"])
+
+
 def test_peft_section_default_set_and_errors():
     assert load_config(HIPPOCAMPUS).peft.method is None
     assert load_config(HIPPOCAMPUS, ["peft.method=scales"]).peft.method == "scales"
@@ -183,6 +204,10 @@ def test_cli_errors_name_the_key(tmp_path, msd_root, base_run, capsys):
     args = ["train", "--config", str(PEFT), *_sets(f"data.root={msd_root}", *TINY)]
     assert main([*args, "--run-dir", str(tmp_path / "a")]) == 1
     assert "--init-from" in capsys.readouterr().err
+    plain = ["train", "--config", str(HIPPOCAMPUS), "--run-dir", str(tmp_path / "c"),
+             *_sets(f"data.root={msd_root}", *TINY, "peft.trainable=[decoder]")]
+    assert main(plain) == 1
+    assert "peft.trainable=['decoder'] adapts a pretrained network" in capsys.readouterr().err
     assert main([*args, "--run-dir", str(tmp_path / "b"), "--init-from", str(base_run),
                  "--set", "peft.trainable=[decoder, nope]"]) == 1
     err = capsys.readouterr().err

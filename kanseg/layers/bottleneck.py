@@ -74,7 +74,7 @@ class KANBottleneckConv(nn.Module):
             conv_strategy=conv_strategy,
         )
         self.stride, self.padding, self.dilation = self.core.stride, self.core.padding, self.core.dilation
-        self.base_activation = create_activation(base_activation)
+        self.base_activation = create_activation(base_activation, "base_activation")
         self.base_weight = nn.Parameter(torch.empty((out_channels, in_channels // groups) + ks))
         self.dropout = create_dropout(spatial_dims, dropout)
         self.norm = create_norm(norm, spatial_dims, out_channels, affine=affine)

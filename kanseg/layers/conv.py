@@ -88,7 +88,8 @@ class KANConv(nn.Module):
         self.conv_strategy = conv_strategy
         self.basis = basis
         has_base = use_base and basis.use_base
-        self.base_activation = create_activation(base_activation) if has_base else None
+        self.base_activation = (create_activation(base_activation, "base_activation")
+                                if has_base else None)
         self.dropout_placement = dropout_placement
         self.dropout = create_dropout_module(spatial_dims, dropout, dropout_type, noise_scale)
 

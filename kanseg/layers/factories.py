@@ -35,12 +35,14 @@ ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "prelu": nn.PR
                "identity": nn.Identity}
 
 
-def create_activation(name: str | None) -> nn.Module:
-    """Activation module by name (None: identity)."""
+def create_activation(name: str | None, key: str = "activation") -> nn.Module:
+    """Activation module by name (None: identity); :class:`OptionError` for option ``key``
+    if ``name`` is none of :data:`ACTIVATIONS`."""
     if name is None:
         return nn.Identity()
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or None, got {name!r}")
+        raise OptionError(key, f"{key} must be one of {sorted(ACTIVATIONS)} or None, "
+                               f"got {name!r}")
     return ACTIVATIONS[name]()
 
 
@@ -60,10 +62,11 @@ def create_dropout(spatial_dims: int, p: float) -> nn.Module | None:
 
 
 def to_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    """``value`` as ``n`` ints; ValueError naming ``name`` if a sequence has another length."""
+    """``value`` as ``n`` ints; :class:`OptionError` for option ``name`` if a sequence has
+    another length."""
     if isinstance(value, int):
         return (value,) * n
     value = tuple(int(v) for v in value)
     if len(value) != n:
-        raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {value!r}")
+        raise OptionError(name, f"{name} must be an int or a sequence of {n} ints, got {value!r}")
     return value

@@ -12,7 +12,9 @@ it intends). Networks DenseKANet, TinyDenseKANet, ResKANet and KAGNRDNet: see
 :mod:`kanseg.models.convert_models`. MoE convs: see :mod:`kanseg.models.convert_moe`.
 Attention and focal-modulation layers, KAGN V2 and bottleneck ReLU-KAN convs, UKANet and
 UKAGNet: see :mod:`kanseg.models.convert_attention`.
-Not yet covered: VGG models (VGG-KAGN checkpoints load through ``load_torch_conv_kan``).
+VGGs of KAGN or KALN convs (VGGKAGN, VGGKAGN_BN, MoEVGGKAGN, MoE_VGGKAGN_BN, VGGKALN): see
+:func:`kanseg.models.convert_models.convert_vgg`, which maps their weights as
+``load_torch_conv_kan`` maps their checkpoints; the other VGGs of torch-conv-kan are refused.
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
 """
@@ -171,15 +173,30 @@ class _LinearSpec:
     extra_state: Callable[[nn.Module], dict] = lambda module: {}
 
 
+def _gram_options(module: nn.Module) -> dict:
+    """GRAMLayer applies its ``act`` to the base input, the basis and the output; our Gram basis
+    has SiLU built in, so only SiLU converts (``mlp_kagn`` defaults to GELU)."""
+    if type(module.act) is not nn.SiLU:
+        raise ValueError(f"GRAMLayer: activation {type(module.act).__name__} does not convert "
+                         "(only SiLU, which our Gram basis applies)")
+    return {"degree": module.degrees}
+
+
+def _legendre_options(module: nn.Module) -> dict:
+    """KALNLayer: its ``base_activation`` acts on the base input and on the output."""
+    name = _activation_name(module.base_activation, "KALNLayer")
+    return {"degree": module.polynomial_order, "base_activation": name, "activation": name}
+
+
 _LINEAR_SPECS = {
     "GRAMLayer": _LinearSpec(
         "kagn", ("in_channels", "out_channels"), "grams_basis_weights", base="base_weights",
-        norm="norm", options=lambda m: {"degree": m.degrees},
+        norm="norm", options=_gram_options,
         extra_state=lambda m: {"basis.beta_weights": m.beta_weights}),
     "KALNLayer": _LinearSpec(
         "kaln", ("input_features", "output_features"), "poly_weight", layout="flat",
         base="base_weight", norm="layer_norm",
-        options=lambda m: {"degree": m.polynomial_order, "base_activation": "silu"}),
+        options=_legendre_options),
     "ChebyKANLayer": _LinearSpec(
         "kacn", ("inputdim", "outdim"), "cheby_coeffs",
         options=lambda m: {"degree": m.degree, "norm": "none"}),

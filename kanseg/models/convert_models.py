@@ -1,15 +1,26 @@
 """torch-conv-kan networks -> ours, for :func:`~.convert.convert_torch_conv_kan`: DenseKANet and
-TinyDenseKANet, ResKANet, KAGNRDNet, and the MatryoshkaHead of its heads.
+TinyDenseKANet, ResKANet, KAGNRDNet, the VGGs of ``models/vggkan.py`` built of KAGN or KALN
+convs, and the MatryoshkaHead of its heads.
 
 Our network is built (``create_model``) from the options read off the reference instance;
 then each of its layers is loaded strictly with the weights of the matching reference layer,
 converted by ``convert_torch_conv_kan`` (so a layer whose shapes differ is an error, never a
 partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottleneck, KALN,
-KACN, KAJN). Not covered: MoE networks, RDNet's ``post_block_attention``, and torch-conv-kan's
-RDNet stem when it differs from the body (its stem is always a degree-3 bottleneck KAGN conv).
+KACN, KAJN). Not covered: MoE networks (the MoE VGGs aside), RDNet's
+``post_block_attention``, and torch-conv-kan's RDNet stem when it differs from the body (its
+stem is always a degree-3 bottleneck KAGN conv).
+
+VGGs go the way of their checkpoints (:mod:`.torch_conv_kan`): the constructor arguments are
+read off the instance, :func:`~.torch_conv_kan.model_from_config` builds our VGG-KAN and
+:func:`~.torch_conv_kan.convert_state_dict` maps the instance's state dict (strictly). Covered:
+VGGKAGN, VGGKAGN_BN, MoEVGGKAGN, MoE_VGGKAGN_BN (every ``vgg_type``, ``sa`` types and
+``last_attention`` included) and VGGKALN, with a Linear, VGG or Matryoshka head or none;
+not their KAN, HiddenKAN and KANtryoshka heads (GELU KAN layers, where ours use SiLU), nor
+VGGKAN (B-splines), FastVGGKAN, VGGKACN and WavVVGKAN, whose convs that mapping does not read.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -17,7 +28,8 @@ from torch import nn
 from . import convert as core
 from .heads import MatryoshkaLinear
 from .registry import create_model, get_model_spec, list_models
-from .torch_conv_kan import layer_state_to_ours
+from .torch_conv_kan import convert_state_dict, layer_state_to_ours, model_from_config
+from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN, vgg_layout
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -41,7 +53,8 @@ def _load(target: nn.Module, reference: nn.Module) -> None:
 
 
 def _conv_options(conv: nn.Module) -> dict[str, Any]:
-    """family, norm, affine, degree (and bottleneck) of a torch-conv-kan polynomial KAN conv."""
+    """family, norm, affine, degree (and bottleneck_convs) of a torch-conv-kan polynomial KAN
+    conv."""
     conv = _unwrap(conv)
     name = type(conv).__name__
     family = next((core._CONV_FAMILIES[c.__name__] for c in type(conv).__mro__
@@ -51,7 +64,7 @@ def _conv_options(conv: nn.Module) -> dict[str, Any]:
                          f"({', '.join(sorted(core._CONV_FAMILIES))})")
     norm, affine = core._norm_option(conv.layer_norm[0], name)
     options = dict(family=family, norm=norm, affine=affine, degree=conv.degree,
-                   bottleneck=hasattr(conv, "inner_dim"))
+                   bottleneck_convs=hasattr(conv, "inner_dim"))
     if family == "kajn":
         options.update(alpha=conv.a, beta=conv.b)
     return options
@@ -136,10 +149,9 @@ def convert_reskanet(reference: nn.Module) -> nn.Module:
                  and get_model_spec(n).defaults == {"layers": layers, "block": kind}),
                 "reskanet18")
     options = _conv_options(stem)
-    bottleneck = options.pop("bottleneck")
     ours = create_model(
         name, in_channels=stem.inputdim, num_classes=reference.fc.out_features, layers=layers,
-        block=kind, width=stem.outdim, bottleneck_convs=bottleneck,
+        block=kind, width=stem.outdim,
         dropout_linear=reference.drop.p, groups=reference.groups, style="torch_conv_kan",
         **options)
     _load(ours.stem, stem)
@@ -199,7 +211,7 @@ def _rdnet_options(reference: nn.Module) -> dict[str, Any]:
     gamma = reference.dense_stages[0][-1].dense_block0.gamma
     return dict(num_init_features=stem.outdim, growth_rates=tuple(growth),
                 num_blocks=tuple(blocks), downsample=tuple(downsample), ese=tuple(ese),
-                patch_size=stem.kernel_size, bottleneck=hasattr(body, "inner_dim"),
+                patch_size=stem.kernel_size, bottleneck_convs=hasattr(body, "inner_dim"),
                 degree=body.degree, ls_init_value=1.0 if gamma is not None else 0.0,
                 in_channels=stem.inputdim, dropout=core._dropout(body))
 
@@ -229,6 +241,170 @@ def convert_rdnet(reference: nn.Module) -> nn.Module:
     return ours
 
 
+# ----------------------------------------------------------------------------- VGG
+#: torch-conv-kan VGG classes whose convs the checkpoint mapping reads -> their family
+_VGG_FAMILIES = {"VGGKAGN": "kagn", "VGGKAGN_BN": "kagn", "MoEVGGKAGN": "kagn",
+                 "MoE_VGGKAGN_BN": "kagn", "VGGKALN": "kaln"}
+#: our head type for the parametrised parts of torch-conv-kan's VGG heads
+_VGG_HEADS = {("linear",): "Linear", ("linear",) * 3: "VGG", ("kan",): "KAN",
+              ("kan", "linear"): "HiddenKAN", ("linear", "matryoshka"): "Matryoshka",
+              ("kan", "matryoshka"): "KANtryoshka"}  # those with "kan" are refused
+
+
+def _out_channels(conv: nn.Module) -> int:
+    """Output channels of a torch-conv-kan conv, plain, bottleneck or MoE."""
+    conv = _unwrap(conv)
+    return conv.outdim if hasattr(conv, "outdim") else conv.output_size
+
+
+def _vgg_body_options(conv: nn.Module, where: str) -> dict[str, Any]:
+    """groups, dropout (and the MoE options) of a VGG conv after the first one."""
+    conv = _unwrap(conv)
+    mixture = getattr(conv, "experts", None)
+    if mixture is None:
+        return dict(groups=conv.groups, dropout=core._dropout(conv))
+    if isinstance(mixture, nn.ModuleList):  # MoEKANConvBase: whole convs are the experts
+        expert, mixture = mixture[0], conv
+        options = dict(groups=expert.groups, dropout=core._dropout(expert))
+    else:  # MoEBottleNeckKAGNConvND: a mixture of inner convs
+        if mixture.pre_gate is not None:
+            raise ValueError(f"{where}: MoE convs gated through a pregate layer do not convert")
+        options = dict(groups=conv.groups, dropout=mixture.experts[0].p_dropout)
+    return dict(options, num_experts=mixture.num_experts, k=mixture.k,
+                noisy_gating=mixture.noisy_gating)
+
+
+def _vgg_attention_projection(attentions: list[nn.Module], where: str) -> int | None:
+    """``sa_inner_projection`` of the self-attention layers (None: no inner projection)."""
+    if not attentions or attentions[0].inner_proj is None:
+        return None
+    projection = attentions[0].input_dim // attentions[0].dims
+    if any(a.inner_proj is None or a.input_dim // projection != a.dims for a in attentions):
+        raise ValueError(f"{where}: its self-attention layers' inner widths do not follow "
+                         "one sa_inner_projection")
+    return projection
+
+
+def _vgg_type(reference: nn.Module, width_scale: int, where: str) -> tuple[str, bool]:
+    """(vgg_type, last_attention) whose layout is that of ``reference.features``."""
+    tokens: list[int | str] = []
+    for layer in reference.features:
+        if isinstance(layer, nn.MaxPool2d):
+            tokens.append("M")
+        elif hasattr(layer, "proj_q"):  # torch-conv-kan's self-attention
+            tokens.append("SA")
+        else:
+            tokens.append(_out_channels(layer) / width_scale)
+    last_attention = tokens[-1] == "SA"
+    for vgg_type in VGG_TYPES + VGG_SA_TYPES:
+        layout = vgg_layout(vgg_type)
+        expected: list[int | str] = []
+        for i, item in enumerate(layout):
+            if item == "SAM":
+                expected += ["SA", "M"]
+            else:
+                expected.append("SA" if last_attention and i == len(layout) - 1 else item)
+        if expected == tokens:
+            return vgg_type, last_attention
+    raise ValueError(f"{where}: its features {tokens} (widths / width_scale {width_scale}, "
+                     f"'M' max-pool, 'SA' self-attention) are none of the VGG types "
+                     f"{VGG_TYPES + VGG_SA_TYPES}")
+
+
+def _vgg_head(classifier: nn.Module | None, where: str) -> tuple[str | None, list[nn.Module]]:
+    """(our head type, the head's parametrised layers converted to ours, in order). Heads with
+    KAN layers are refused: torch-conv-kan builds them with GELU (``mlp_kagn`` / ``mlp_kaln``
+    defaults), ours with the family's SiLU, and our Gram basis has SiLU built in."""
+    if classifier is None:
+        return None, []
+    kinds, parts = [], []
+    for child in (classifier if isinstance(classifier, nn.Sequential) else [classifier]):
+        if hasattr(child, "layers_hidden"):  # a kans network
+            kinds.append("kan")
+        elif isinstance(child, nn.Linear):
+            kinds.append("linear")
+            parts.append(child)
+        elif type(child).__name__ == "MatryoshkaHead":
+            kinds.append("matryoshka")
+            parts.append(convert_matryoshka(child))
+        elif any(True for _ in child.parameters()):
+            kinds.append(type(child).__name__)
+    head_type = _VGG_HEADS.get(tuple(kinds))
+    if head_type is None or "kan" in kinds:
+        raise ValueError(
+            f"{where}: {'head ' + head_type if head_type else f'a head of layers {kinds}'} does "
+            "not convert (heads that do: Linear, VGG, Matryoshka, none; the KAN heads use GELU "
+            "KAN layers, ours the family's SiLU)")
+    return head_type, parts
+
+
+def _head_modules(head: nn.Module | None, children: bool = False) -> list:
+    """The modules of a head (``children``: its named children), none for no head."""
+    if head is None:
+        return []
+    return list(head.named_children() if children else head.modules())
+
+
+def _num_classes(head: nn.Module) -> int:
+    """Classes of our converted last head layer (linear, KAN linear or Matryoshka)."""
+    return head.out_features if hasattr(head, "out_features") else head.classifiers[0].out_features
+
+
+def convert_vgg(reference: nn.Module) -> VGGKAN:
+    """torch-conv-kan's VGGs (``models/vggkan.py``) -> our :class:`VGGKAN`: the constructor
+    arguments read off the instance, the state dict mapped as their checkpoints are
+    (:func:`~.torch_conv_kan.convert_state_dict`, strict); L1 wrappers are dropped (they only
+    act on gradients). VGGs of other convs than KAGN and KALN are refused."""
+    name = type(reference).__name__
+    family = next((_VGG_FAMILIES[c.__name__] for c in type(reference).__mro__
+                   if c.__name__ in _VGG_FAMILIES), None)
+    if family is None:
+        raise ValueError(f"{name}: no conversion; the torch-conv-kan VGGs that convert are "
+                         f"{', '.join(sorted(_VGG_FAMILIES))} (KAGN and KALN convs)")
+    convs = [layer for layer in reference.features
+             if not isinstance(layer, nn.MaxPool2d) and not hasattr(layer, "proj_q")]
+    first = _unwrap(convs[0])
+    options = _conv_options(first)
+    if options["family"] != family:
+        raise ValueError(f"{name}: its first conv is {type(first).__name__}, not {family}")
+    if options["norm"] == "batch" and not first.layer_norm[0].track_running_stats:
+        raise ValueError(f"{name}: batch norm without running statistics does not convert")
+    if first.outdim % 16:
+        raise ValueError(f"{name}: its first conv has {first.outdim} channels, not a multiple "
+                         "of 16 (every VGG type starts at width 16 * width_scale)")
+    width_scale = first.outdim // 16
+    vgg_type, last_attention = _vgg_type(reference, width_scale, name)
+    head_type, head = _vgg_head(reference.classifier, name)
+    body = _vgg_body_options(convs[1], name)
+    moe = "num_experts" in body
+    dropouts = [m.p for m in _head_modules(reference.classifier) if isinstance(m, nn.Dropout)]
+    config = dict(
+        input_channels=first.inputdim, num_classes=_num_classes(head[-1]) if head else 0,
+        degree=first.degree, vgg_type=vgg_type, head_type=head_type,
+        expected_feature_shape=tuple(reference.expected_feature_shape),
+        width_scale=width_scale, affine=options["affine"], last_attention=last_attention,
+        dropout_linear=dropouts[0] if dropouts else 0.0,
+        sa_inner_projection=_vgg_attention_projection(
+            [layer for layer in reference.features if hasattr(layer, "proj_q")], name),
+        **body)
+    ours = model_from_config(config, options["norm"] == "batch", options["bottleneck_convs"], moe,
+                             family=family)
+    state = {re.sub(r"^(features\.\d+)\.module\.", r"\1.", key): value  # L1 wrappers
+             for key, value in reference.state_dict().items() if not key.startswith("classifier.")}
+    ours_head = [key for key, m in _head_modules(ours.classifier, children=True)
+                 if any(True for _ in m.parameters())]
+    if len(ours_head) != len(head):
+        raise ValueError(f"{name}: head {head_type} has {len(head)} weighted layers, ours "
+                         f"{len(ours_head)}")
+    for key, part in zip(ours_head, head):
+        state.update({f"classifier.{key}.{k}": v for k, v in part.state_dict().items()})
+    try:
+        ours.load_state_dict(convert_state_dict(state, ours))
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    return ours
+
+
 # ----------------------------------------------------------------------------- heads
 def convert_matryoshka(reference: nn.Module) -> MatryoshkaLinear:
     """torch-conv-kan's ``MatryoshkaHead`` -> :class:`MatryoshkaLinear`."""
@@ -243,7 +419,7 @@ def convert_matryoshka(reference: nn.Module) -> MatryoshkaLinear:
 #: torch-conv-kan class -> converter (entries of ``convert._CONVERTERS``)
 NETWORK_CONVERTERS = {"DenseKANet": convert_densekanet, "TinyDenseKANet": convert_densekanet,
                       "ResKANet": convert_reskanet, "KAGNRDNet": convert_rdnet,
-                      "MatryoshkaHead": convert_matryoshka}
+                      "VGG": convert_vgg, "MatryoshkaHead": convert_matryoshka}
 
 __all__ = ["NETWORK_CONVERTERS", "convert_densekanet", "convert_matryoshka", "convert_rdnet",
-           "convert_reskanet"]
+           "convert_reskanet", "convert_vgg"]

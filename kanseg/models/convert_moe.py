@@ -11,7 +11,9 @@ Two forms:
 - ``MoEBottleNeckKAGNConv{1,2,3}DLayer``: a bottleneck KAGN conv whose inner conv is a mixture
   of ``KAGNExpert``s (optionally gated through a ``pregate`` KAN layer) -> our bottleneck conv
   built with ``moe_inner=True``;
-- the MoE VGGs ``MoEVGGKAGN`` and ``MoE_VGGKAGN_BN`` -> our VGG-KAN with ``moe_*`` options.
+- the MoE VGGs ``MoEVGGKAGN`` and ``MoE_VGGKAGN_BN`` -> our VGG-KAN with ``moe_*`` options,
+  through :func:`~.convert_models.convert_vgg` (like every torch-conv-kan VGG), whose layers
+  map with :func:`moe_state_to_ours`.
 
 Eval-mode outputs and load-balancing losses match; in training the gating noise matches too
 for the same random state (dropout differs, as for the plain convs). The reference's constant
@@ -29,7 +31,7 @@ from kanseg.layers.moe import MoEKANConv
 from . import convert as core
 from .torch_conv_kan import (_layer_to_theirs, channel_major_to_degree_major,
                              degree_major_to_channel_major, layer_state_to_ours,
-                             norm_state_to_ours, norm_state_to_theirs, vgg_from_state_dict)
+                             norm_state_to_ours, norm_state_to_theirs)
 
 _NORMAL = {"mean": torch.zeros(1), "std": torch.ones(1)}
 
@@ -135,23 +137,10 @@ def convert_moe_bottleneck(module: nn.Module) -> KANBottleneckConv:
     return ours
 
 
-def convert_moe_vgg(module: nn.Module) -> nn.Module:
-    """``MoEVGGKAGN`` / ``MoE_VGGKAGN_BN``: built from the constructor arguments that
-    huggingface_hub's mixin records (``_hub_mixin_config``: its ``config.json``) and loaded
-    from the state dict, as :func:`~.torch_conv_kan.load_torch_conv_kan` loads its checkpoints."""
-    config = getattr(module, "_hub_mixin_config", None)
-    if not isinstance(config, dict):
-        raise ValueError(f"{type(module).__name__}: its constructor arguments were not recorded "
-                         f"(no _hub_mixin_config); load its checkpoint with load_torch_conv_kan")
-    return vgg_from_state_dict(module.state_dict(), config)
-
-
 MOE_CONVERTERS = {
     "MoEKANConvBase": convert_moe,
     "MoEBottleNeckKAGNConvND": convert_moe_bottleneck,
-    "MoEVGGKAGN": convert_moe_vgg,
-    "MoE_VGGKAGN_BN": convert_moe_vgg,
 }
 
-__all__ = ["MOE_CONVERTERS", "convert_moe", "convert_moe_bottleneck", "convert_moe_vgg",
-           "moe_state_to_ours", "moe_state_to_theirs"]
+__all__ = ["MOE_CONVERTERS", "convert_moe", "convert_moe_bottleneck", "moe_state_to_ours",
+           "moe_state_to_theirs"]

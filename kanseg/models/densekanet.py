@@ -15,7 +15,7 @@ from kanseg.layers.factories import conv_module
 
 from .blocks import ConvFactory, check_bottom_size
 from .heads import HeadMixin, create_head
-from .registry import register_model
+from .registry import register_model, renamed_options
 
 #: growth rate and dense layers per block of each DenseNet depth, and of the tiny variant
 DENSE_LAYOUTS = {"121": (32, (6, 12, 24, 16)), "161": (48, (6, 12, 36, 24)),
@@ -66,13 +66,15 @@ class Transition(nn.Sequential):
                          Pool[Pool.AVG, spatial_dims](kernel_size=2, stride=2))
 
 
+@renamed_options(bottleneck="bottleneck_convs")
 class DenseKANet(HeadMixin, nn.Module):
     """DenseNet-BC of KAN convs: a strided KAN stem (``stem_kernel_size``, stride 2), an
     optional 3x3 max-pool, dense blocks of ``block_config`` layers separated by transitions
     that halve the channels and the resolution, global average pooling and a head.
 
-    ``bottleneck=True`` makes every KAN conv a bottleneck conv (torch-conv-kan's "BN"
-    variants: ``dim_reduction`` for the 3x3 convs, 4 for the stem and the 1x1 convs).
+    ``bottleneck_convs=True`` makes every KAN conv a bottleneck conv (torch-conv-kan's "BN"
+    variants: ``dim_reduction`` for the 3x3 convs, 4 for the stem and the 1x1 convs;
+    ``bottleneck``: its deprecated name).
     ``groups`` groups the 3x3 convs (as in torch-conv-kan). ``head_type``: see
     :mod:`.heads` (``num_classes=0``: no head, ``forward`` returns the pooled features).
     ``forward_features`` returns the map before each downsampling after the stem and the
@@ -94,7 +96,7 @@ class DenseKANet(HeadMixin, nn.Module):
         final_transition: bool = False,
         norm: str = "instance",
         transition_norm: str = "batch",
-        bottleneck: bool = False,
+        bottleneck_convs: bool = False,
         dim_reduction: float = 8.0,
         groups: int = 1,
         dropout: float = 0.0,
@@ -112,7 +114,7 @@ class DenseKANet(HeadMixin, nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise OptionError(key, f"{key} must be a positive integer, got {value!r}")
         conv = ConvFactory(family, spatial_dims, norm, options=family_options)
-        kan = {"bottleneck": bottleneck, "dim_reduction": 4.0}
+        kan = {"bottleneck": bottleneck_convs, "dim_reduction": 4.0}
         self.norm = norm
         self.stem = conv(in_channels, num_init_features, stem_kernel_size, stride=2, groups=1,
                          **kan)
@@ -128,7 +130,7 @@ class DenseKANet(HeadMixin, nn.Module):
             layers = [DenseLayer(
                 conv(channels + j * growth_rate, bn_size * growth_rate, 1, groups=1, **kan),
                 conv(bn_size * growth_rate, growth_rate, 3, groups=groups, dropout=dropout,
-                     bottleneck=bottleneck, dim_reduction=dim_reduction),
+                     bottleneck=bottleneck_convs, dim_reduction=dim_reduction),
                 memory_efficient) for j in range(n_layers)]
             self.blocks.append(DenseBlock(layers))
             channels += n_layers * growth_rate
@@ -173,7 +175,7 @@ register_model("densekanet", DenseKANet, dims=(1, 2, 3), task="classification",
                description="DenseNet of KAN convs (torch-conv-kan DenseKANet; any layout)")
 for _name, (_growth, _blocks) in DENSE_LAYOUTS.items():
     _tiny = TINY_OPTIONS if _name == "_tiny" else {}
-    for _suffix, _bn in (("", {}), ("_bn", {"bottleneck": True, "norm": "batch"})):
+    for _suffix, _bn in (("", {}), ("_bn", {"bottleneck_convs": True, "norm": "batch"})):
         register_model(f"densekanet{_name}{_suffix}", DenseKANet, dims=(1, 2, 3),
                        task="classification", growth_rate=_growth, block_config=_blocks,
                        **_tiny, **_bn,

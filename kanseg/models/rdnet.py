@@ -21,7 +21,7 @@ from kanseg.layers.factories import conv_function, create_dropout, to_tuple
 
 from .densekanet import DenseBlock
 from .heads import HeadMixin, create_head
-from .registry import register_model
+from .registry import register_model, renamed_options
 
 #: torch-conv-kan's kagrdnet variants: stem width, growth rates, downsampling and ESE per stage
 RDNET_VARIANTS: dict[str, dict[str, Any]] = {
@@ -149,6 +149,7 @@ class RDNetBlock(nn.Module):
         return x * self.gamma.view((1, -1) + (1,) * (x.dim() - 2))
 
 
+@renamed_options(bottleneck="bottleneck_convs")
 class RDNet(HeadMixin, nn.Module):
     """RDNet of KAN convs (torch-conv-kan's ``KAGNRDNet``; see the module docstring).
 
@@ -156,6 +157,8 @@ class RDNet(HeadMixin, nn.Module):
     stage but the first starts with a KAN transition to ``transition_compression_ratio`` of
     the channels (rounded down to a multiple of 8), a strided 2x2 one where ``downsample[i]``.
     ``ese[i]`` adds effective squeeze-excitation to the blocks of stage ``i``.
+    ``bottleneck_convs`` (the default, as torch-conv-kan's ``is_bottleneck``; ``bottleneck``:
+    its deprecated name) makes every KAN conv but the depthwise ones a bottleneck conv.
     ``reference_depthwise=True`` uses torch-conv-kan's degree-major depthwise layout
     (:class:`DegreeMajorDepthwiseConv`, what its checkpoints convert to).
     ``forward_features`` returns the map before each downsampling transition and the last.
@@ -177,7 +180,7 @@ class RDNet(HeadMixin, nn.Module):
         transition_compression_ratio: float = 0.5,
         patch_size: int = 4,
         ls_init_value: float = 1e-6,
-        bottleneck: bool = True,
+        bottleneck_convs: bool = True,
         activation: str | None = "silu",
         dropout_linear: float = 0.0,
         head_type: str | None = "Linear",
@@ -200,7 +203,7 @@ class RDNet(HeadMixin, nn.Module):
                 "norm", "RDNet normalises every KAN conv with a channel LayerNorm; "
                 f"norm={family_options['norm']!r} is not an option")
         self.downsample = tuple(bool(d) for d in downsample)
-        units = _KANUnits(family, spatial_dims, bottleneck, activation, family_options)
+        units = _KANUnits(family, spatial_dims, bottleneck_convs, activation, family_options)
         self.stem = units(in_channels, num_init_features, patch_size, stride=patch_size)
         self.stages = nn.ModuleList()
         self.feature_channels: list[int] = []

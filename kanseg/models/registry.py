@@ -1,15 +1,18 @@
 """Model registry in the style of timm: ``register_model`` + ``create_model(name, **kwargs)``."""
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from kanseg.layers import BASIS_REGISTRY, LAYER_OPTIONS
 from kanseg.layers.errors import OptionError, UnknownOptionError
+from kanseg.schema import DeprecatedOptionWarning
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,45 @@ def register_model(name: str, builder: Callable[..., nn.Module] | None = None, *
     return wrap(builder) if builder is not None else wrap
 
 
+def rename_options(renamed: Mapping[str, str], options: dict[str, Any],
+                   stacklevel: int = 1) -> dict[str, Any]:
+    """``options`` with the old names of ``renamed`` (old -> new) under their new names, a
+    :class:`DeprecatedOptionWarning` per old name (attributed ``stacklevel`` frames up, 1: the
+    caller); both names at once is an :class:`OptionError` for the new name."""
+    if not any(old in options for old in renamed):
+        return options
+    options = dict(options)
+    for old, new in renamed.items():
+        if old not in options:
+            continue
+        if new in options:
+            raise OptionError(new, f"{old} and {new} are the same option ({old} is its "
+                                   f"deprecated name); give only {new}")
+        warnings.warn(f"model option {old} is deprecated; use {new}", DeprecatedOptionWarning,
+                      stacklevel=stacklevel + 1)
+        options[new] = options.pop(old)
+    return options
+
+
+def renamed_options(**renamed: str) -> Callable[[type], type]:
+    """Class decorator: the model still takes the old option names of ``renamed``
+    (``old="new"``), with a deprecation warning, from ``create_model`` and direct construction
+    alike. ``cls.RENAMED_OPTIONS`` records them; the signature shows the new names only."""
+
+    def wrap(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **rename_options(renamed, kwargs, stacklevel=2))
+
+        cls.__init__ = __init__
+        cls.RENAMED_OPTIONS = {**getattr(cls, "RENAMED_OPTIONS", {}), **renamed}
+        return cls
+
+    return wrap
+
+
 def list_models() -> list[str]:
     """Sorted names of all registered models."""
     return sorted(_MODELS)
@@ -71,10 +113,12 @@ def family_option_names(family: str) -> set[str]:
 
 
 def accepted_arguments(name: str, kwargs: dict[str, Any] | None = None) -> set[str]:
-    """Keyword arguments model ``name`` accepts; for KAN networks, those of the family in
-    ``kwargs`` (default ``kagn``) are included."""
-    params = inspect.signature(get_model_spec(name).builder).parameters
+    """Keyword arguments model ``name`` accepts (deprecated names included); for KAN networks,
+    those of the family in ``kwargs`` (default ``kagn``) are included."""
+    builder = get_model_spec(name).builder
+    params = inspect.signature(builder).parameters
     allowed = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    allowed |= set(getattr(builder, "RENAMED_OPTIONS", {}))
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         default = params["family"].default if "family" in params else "kagn"
         allowed |= family_option_names((kwargs or {}).get("family", default))
@@ -96,12 +140,14 @@ def _check_kwargs(spec: ModelSpec, kwargs: dict[str, Any]) -> None:
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the registered model ``name`` with ``kwargs`` over its registered defaults.
-    A bad name or option raises :class:`~kanseg.layers.errors.OptionError` naming its key.
+    A bad name or option raises :class:`~kanseg.layers.errors.OptionError` naming its key; an
+    option's deprecated name (the builder's ``RENAMED_OPTIONS``) warns and counts as the new one.
 
     The model's ``model_config`` attribute records ``{"name": name, **arguments}`` (what
-    :func:`kanseg.models.io.save_model` writes as ``config.json``).
+    :func:`kanseg.models.io.save_model` writes as ``config.json``), under the new names.
     """
     spec = get_model_spec(name)
+    kwargs = rename_options(getattr(spec.builder, "RENAMED_OPTIONS", {}), kwargs, stacklevel=2)
     merged = {**spec.defaults, **kwargs}
     _check_kwargs(spec, merged)
     model = spec.builder(**merged)
@@ -128,5 +174,5 @@ def count_parameters(name: str, **kwargs: Any) -> int:
 
 __all__ = [
     "ModelSpec", "accepted_arguments", "count_parameters", "create_model", "family_option_names", "get_model_spec",
-    "list_models", "register_model", "resolved_config",
+    "list_models", "register_model", "rename_options", "renamed_options", "resolved_config",
 ]

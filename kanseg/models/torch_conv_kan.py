@@ -104,7 +104,8 @@ def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> 
     theirs["poly_weights"] = torch.stack(
         [channel_major_to_degree_major(w, n_basis)
          for w in ours[f"{prefix}basis_weight"].chunk(groups)])
-    theirs["beta_weights"] = ours[f"{prefix}basis.beta_weights"]
+    if f"{prefix}basis.beta_weights" in ours:  # KAGN; KALN / KAJN have none
+        theirs["beta_weights"] = ours[f"{prefix}basis.beta_weights"]
     if prefix:
         for proj in ("inner_proj", "out_proj"):
             for g, w in enumerate(ours[f"{proj}.weight"].chunk(groups)):
@@ -196,9 +197,10 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str
 
 # ----------------------------------------------------------------------------- config
 def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool,
-                      moe: bool = False) -> VGGKAN:
+                      moe: bool = False, family: str = "kagn") -> VGGKAN:
     """Our :class:`VGGKAN` for a torch-conv-kan ``config.json`` (VGGKAGN or VGGKAGN_BN; with
-    ``moe``, MoEVGGKAGN or MoE_VGGKAGN_BN, whose bottleneck convs mix only their inner conv)."""
+    ``moe``, MoEVGGKAGN or MoE_VGGKAGN_BN, whose bottleneck convs mix only their inner conv;
+    ``family="kaln"``: VGGKALN, whose layers the same mapping reads)."""
     unknown = sorted(set(config) - _CONFIG_KEYS)
     if unknown:
         raise CheckpointError(
@@ -213,14 +215,14 @@ def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool
         "vgg_kan",
         in_channels=config["input_channels"],
         num_classes=config["num_classes"],
-        family="kagn",
+        family=family,
         vgg_type=vgg_type,
         head_type=config.get("head_type", "Linear"),
         expected_feature_shape=tuple(config.get("expected_feature_shape", (7, 7))),
         width_scale=config.get("width_scale", 1),
         norm="batch" if batch_norm else "instance",
         affine=config.get("affine", False),
-        bottleneck=bottleneck,
+        bottleneck_convs=bottleneck,
         dim_reduction=8.0,
         groups=config.get("groups", 1),
         dropout=config.get("dropout", 0.0),
@@ -320,7 +322,7 @@ def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
     if full["family"] != "kagn" or full["norm"] not in ("batch", "instance"):
         raise ValueError("torch-conv-kan VGGs are kagn with batch or instance norm, got "
                          f"family={full['family']!r}, norm={full['norm']!r}")
-    if full["bottleneck"] and full["dim_reduction"] != 8:
+    if full["bottleneck_convs"] and full["dim_reduction"] != 8:
         raise ValueError(f"torch-conv-kan bottleneck VGGs use dim_reduction=8, "
                          f"got {full['dim_reduction']!r}")
     return {
@@ -336,9 +338,9 @@ def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
 
 
 _OUR_KEYS = {"name", "in_channels", "num_classes", "family", "vgg_type", "head_type",
-             "expected_feature_shape", "width_scale", "norm", "affine", "bottleneck",
-             "dim_reduction", "groups", "dropout", "dropout_linear", "degree", "last_attention",
-             "sa_inner_projection"}
+             "expected_feature_shape", "width_scale", "norm", "affine",
+             "bottleneck_convs", "dim_reduction", "groups", "dropout", "dropout_linear", "degree",
+             "last_attention", "sa_inner_projection"}
 
 
 def _defaults(cls: type) -> dict[str, Any]:

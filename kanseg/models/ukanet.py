@@ -63,7 +63,8 @@ class UKANet(nn.Module):
             raise OptionError("block", f"block must be one of {BLOCK_KINDS}, got {block!r}")
         base = round(width * width_scale)
         if base < 1:
-            raise ValueError(f"width * width_scale must be >= 1, got {width} * {width_scale}")
+            raise OptionError("width", f"width * width_scale must be >= 1, got {width} * "
+                                       f"{width_scale}")
         if deep_supervision and not 2 <= supervision_levels <= depth:
             raise OptionError(
                 "supervision_levels", f"supervision_levels must be in [2, depth = {depth}] (one "

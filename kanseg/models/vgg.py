@@ -12,7 +12,7 @@ from kanseg.layers.errors import OptionError
 
 from .blocks import ConvFactory, check_bottom_size
 from .heads import HeadMixin
-from .registry import register_model
+from .registry import register_model, renamed_options
 
 # 3x3 convs per stage for each depth, the stage widths, and the sixth stage of each version.
 _CONVS_PER_STAGE = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3),
@@ -49,6 +49,7 @@ VGG_TYPES = tuple(f"VGG{d}{v}" for d in _CONVS_PER_STAGE for v in _EXTRA_STAGE)
 VGG_SA_TYPES = tuple(f"VGG{d}{v}sa" for d in _CONVS_PER_STAGE for v in ("", "v4"))
 
 
+@renamed_options(bottleneck="bottleneck_convs")
 class VGGKAN(HeadMixin, nn.Module):
     """VGG of 3x3 KAN convs (plain or bottleneck) with a classification head.
 
@@ -59,8 +60,9 @@ class VGGKAN(HeadMixin, nn.Module):
     of torch-conv-kan's heads (:mod:`.heads`: "Linear", "VGG", "KAN", "HiddenKAN",
     "Matryoshka", "KANtryoshka"), or None (``forward`` returns features).
     ``groups`` and the ``moe_*`` options apply to every conv but the first, as in
-    torch-conv-kan (``moe_experts=8, moe_top_k=2``: its MoE VGGs; with ``bottleneck=True`` and
-    ``moe_inner=True``: ``MoE_VGGKAGN_BN``).
+    torch-conv-kan (``moe_experts=8, moe_top_k=2``: its MoE VGGs; with ``bottleneck_convs=True``
+    and ``moe_inner=True``: ``MoE_VGGKAGN_BN``). ``bottleneck_convs`` makes every conv a
+    squeeze/expand bottleneck KAN conv (``bottleneck``: its deprecated name).
     The ``sa`` types (:data:`VGG_SA_TYPES`) put a :class:`KANSelfAttention` before the last two
     max-pools, and ``last_attention`` replaces the last conv by one (inner width
     ``channels // sa_inner_projection`` when given), as torch-conv-kan's VGGKAGN.
@@ -77,7 +79,7 @@ class VGGKAN(HeadMixin, nn.Module):
         width_scale: int = 1,
         norm: str = "instance",
         affine: bool = True,
-        bottleneck: bool = False,
+        bottleneck_convs: bool = False,
         dim_reduction: float = 8.0,
         groups: int = 1,
         dropout: float = 0.0,
@@ -94,14 +96,14 @@ class VGGKAN(HeadMixin, nn.Module):
             inner = channels // sa_inner_projection if sa_inner_projection else None
             return KANSelfAttention(channels, 2, family, inner_channels=inner, norm=norm,
                                     affine=affine, groups=groups, dropout=dropout,
-                                    bottleneck=bottleneck, dim_reduction=dim_reduction,
+                                    bottleneck=bottleneck_convs, dim_reduction=dim_reduction,
                                     **attention_options)
 
         self.vgg_type = vgg_type
         self.family = family
         self.norm = norm
         self.expected_feature_shape = tuple(expected_feature_shape)
-        conv = ConvFactory(family, 2, norm, bottleneck, dim_reduction,
+        conv = ConvFactory(family, 2, norm, bottleneck_convs, dim_reduction,
                            options={"affine": affine, **family_options})
         self.features = nn.ModuleList()
         self.feature_channels: list[int] = []

@@ -7,8 +7,8 @@ table (trainable parameters and share, accuracy/AUC or Dice, wall time, peak RSS
 and written to ``runs/bench_peft/results.md`` plus ``results.json``. The pretrained backbone
 (``pipelines/peft_pretrain.py``) is built first when missing.
 
-    .venv/bin/python benchmarks/peft.py                  # both tasks, all rows (~30-60 min, 2 CPUs)
-    .venv/bin/python benchmarks/peft.py --tasks pneumonia --rows scales lora
+    .venv/bin/python benchmarks/peft_finetune.py                  # both tasks, all rows (~30-60 min, 2 CPUs)
+    .venv/bin/python benchmarks/peft_finetune.py --tasks pneumonia --rows scales lora
 """
 from __future__ import annotations
 
