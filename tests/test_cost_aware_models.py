@@ -184,6 +184,35 @@ def test_u2kanet_kan_levels(dims):
     assert net(torch.randn(1, 1, *size)).shape == (1, 2, *size)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_full_resolution_refine_head_sees_the_image(dims):
+    torch.manual_seed(0)
+    net = create_model("ukanet", spatial_dims=dims, in_channels=2, out_channels=3, width=4,
+                       depth=2, stem_stride=2, kan_levels=[2], refine_channels=5,
+                       deep_supervision=True, supervision_levels=2)
+    size = (20, 12, 14)[:dims]
+    image = torch.randn(2, 2, *size)
+    outputs = net(image)
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, *size),
+                                                 (2, 3, *[-(-s // 4) for s in size])]
+    refine = net.heads[0]
+    # the full-resolution block reads the upsampled features (5) and the 2 image channels
+    assert refine.block[0].in_channels == 7 and refine.head.out_channels == 3
+    outputs[0].sum().backward()
+    assert refine.block[0].weight.grad[:, 5:].abs().sum() > 0  # the image slice is used
+    net.eval()
+    assert net(image).shape == (2, 3, *size)
+
+
+@pytest.mark.parametrize("options", [{"refine_channels": 4, "stem_stride": 1},
+                                     {"refine_channels": -1, "stem_stride": 2},
+                                     {"refine_channels": True, "stem_stride": 2}])
+def test_bad_refine_channels_names_the_key(options):
+    with pytest.raises(ValueError, match="refine_channels"):
+        create_model("ukanet", spatial_dims=2, in_channels=1, out_channels=2, width=4,
+                     depth=2, **options)
+
+
 @pytest.mark.parametrize("value", ["[4]", "[-1]", "[1,1]", "[a]", "3"])
 def test_bad_kan_levels_names_the_key(value):
     with pytest.raises(ConfigError, match=r"model\.kan_levels"):

@@ -191,10 +191,11 @@ class Trainer:
         warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
                   else round(cfg.warmup_epochs * self.steps_per_epoch))
         self._t0 = time.monotonic()  # reset by fit(), minus the time of a resumed run
+        self._spent = 0.0  # share of max_minutes spent, measured once per optimizer step
         self.scheduler = build_scheduler(
             self.optimizer.optimizer, self.steps_per_epoch * cfg.max_epochs, warmup,
             cfg.schedule, cfg.min_lr_ratio,
-            time_progress=self._budget_spent if cfg.schedule_horizon == "budget" else None)
+            time_progress=(lambda: self._spent) if cfg.schedule_horizon == "budget" else None)
         self.ema = (AveragedModel(self.acc.unwrap_model(self.model),
                                   multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
                     if cfg.ema else None)
@@ -315,6 +316,8 @@ class Trainer:
             return False
         st.nan_streak = 0
         st.step += 1
+        if cfg.max_minutes is not None:
+            self._spent = self._budget_spent()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.acc.unwrap_model(self.model))
@@ -329,8 +332,8 @@ class Trainer:
         return float(spent.item())
 
     def _out_of_time(self) -> bool:
-        """Whether ``max_minutes`` is spent (decided by the main process, shared by all)."""
-        return self.cfg.max_minutes is not None and self._budget_spent() > 1.0
+        """Whether ``max_minutes`` was spent at the last optimizer step."""
+        return self._spent > 1.0
 
     def _eta(self, bar: tqdm) -> str:
         """Estimated time to the end of training (epochs x batches at the current rate)."""

@@ -154,6 +154,25 @@ def res_stage(conv: AnyConvFactory, in_channels: int, out_channels: int, blocks:
     return nn.Sequential(*layers)
 
 
+class FullResRefine(nn.Module):
+    """Full-resolution output of a U-Net that runs at ``1 / stride`` resolution: a transposed
+    conv up to ``channels`` features, concatenated with the input image, one plain conv +
+    norm + activation, and a 1x1 conv to the logits (a cheap full-resolution path that sees
+    the image's own edges)."""
+
+    def __init__(self, conv: PlainConvFactory, features: int, image_channels: int,
+                 channels: int, out_channels: int, stride: int):
+        super().__init__()
+        dims = conv.spatial_dims
+        self.up = Conv[Conv.CONVTRANS, dims](features, channels, stride, stride=stride,
+                                             bias=False)
+        self.block = conv(channels + image_channels, channels, 3)
+        self.head = Conv[Conv.CONV, dims](channels, out_channels, 1)
+
+    def forward(self, features: Tensor, image: Tensor) -> Tensor:
+        return self.head(self.block(torch.cat([self.up(features), image], dim=1)))
+
+
 def resize_to(x: Tensor, like: Tensor) -> Tensor:
     """Linearly interpolate ``x`` to the spatial size of ``like`` (no-op when equal)."""
     if x.shape[2:] == like.shape[2:]:
@@ -238,7 +257,7 @@ def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 __all__ = [
-    "BLOCK_KINDS", "AnyConvFactory", "ConvFactory", "KANResBlock", "PlainConvFactory", "RSUBlock",
+    "BLOCK_KINDS", "AnyConvFactory", "ConvFactory", "FullResRefine", "KANResBlock", "PlainConvFactory", "RSUBlock",
     "check_bottom_size", "check_kan_levels", "crop_to", "pad_to_multiple", "res_stage",
     "resize_to",
 ]

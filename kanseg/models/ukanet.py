@@ -6,8 +6,8 @@ from monai.networks.layers.factories import Conv
 from torch import Tensor, nn
 
 from .blocks import (
-    BLOCK_KINDS, ConvFactory, PlainConvFactory, check_bottom_size, check_kan_levels, crop_to,
-    pad_to_multiple, res_stage,
+    BLOCK_KINDS, ConvFactory, FullResRefine, PlainConvFactory, check_bottom_size,
+    check_kan_levels, crop_to, pad_to_multiple, res_stage,
 )
 from .registry import register_model
 from kanseg.layers.errors import OptionError
@@ -29,6 +29,9 @@ class UKANet(nn.Module):
     when level 0 is not in ``kan_levels``).
     ``stem_stride=2`` runs the whole U-Net at half resolution and upsamples the logits with a
     learned transposed conv: about 8x less compute in 3D (the fast setting for CPU training).
+    ``refine_channels`` (with ``stem_stride=2``) replaces that transposed conv by
+    :class:`~kanseg.models.blocks.FullResRefine`: upsampled features plus the input image
+    through one plain full-resolution conv block of that many channels.
     ``bottleneck_convs`` uses squeeze/expand bottleneck KAN convs for every 3x3 conv.
     ``family_options`` go to every KAN conv (``degree``, ``dropout``, ``recompute``...).
     ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
@@ -54,6 +57,7 @@ class UKANet(nn.Module):
         bottleneck_convs: bool = False,
         kan_levels: list[int] | None = None,
         groups: int = 1,
+        refine_channels: int = 0,
         **family_options,
     ):
         super().__init__()
@@ -72,6 +76,11 @@ class UKANet(nn.Module):
             )
         if stem_stride not in (1, 2):
             raise OptionError("stem_stride", f"stem_stride must be 1 or 2, got {stem_stride!r}")
+        valid = isinstance(refine_channels, int) and not isinstance(refine_channels, bool)
+        if not valid or refine_channels < 0 or (refine_channels and stem_stride == 1):
+            raise OptionError("refine_channels", "refine_channels must be 0 (off) or a positive "
+                              "number of channels with stem_stride=2, got "
+                              f"{refine_channels!r} with stem_stride={stem_stride}")
         self.spatial_dims = spatial_dims
         self.depth = depth
         self.stem_stride = stem_stride
@@ -103,7 +112,10 @@ class UKANet(nn.Module):
             [head(channels[i], out_channels, 1) for i in range(self.supervision_levels)]
         )
         if stem_stride > 1:  # the full-resolution head upsamples the half-resolution features
-            self.heads[0] = up_conv(channels[0], out_channels, stem_stride, stride=stem_stride)
+            self.heads[0] = (
+                FullResRefine(plain, channels[0], in_channels, refine_channels, out_channels,
+                              stem_stride) if refine_channels
+                else up_conv(channels[0], out_channels, stem_stride, stride=stem_stride))
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if x.dim() != self.spatial_dims + 2:
@@ -126,7 +138,9 @@ class UKANet(nn.Module):
             h = self.decoder[level](torch.cat([h, skips[level]], dim=1))
             decoded.append(h)
         decoded.reverse()  # decoded[level] has resolution 1 / (stem_stride * 2**level)
-        logits = crop_to(self.heads[0](decoded[0]), size)
+        head = self.heads[0]
+        logits = crop_to(head(decoded[0], x) if isinstance(head, FullResRefine)
+                         else head(decoded[0]), size)
         if not (self.training and self.deep_supervision):
             return logits
         outputs = [logits]
