@@ -18,6 +18,7 @@ optimiser steps, patches/s, wall time and peak memory; written to ``OUT/results.
 
     python benchmarks/transfer.py                          # ~45 min on 2 CPU cores
     python benchmarks/transfer.py --rows full scales --seeds 0 --minutes 1
+    python benchmarks/transfer.py --set model.refine_channels=0     # a variant of the network
 """
 from __future__ import annotations
 
@@ -68,6 +69,15 @@ def split(config: Path, target_cases: int, source_val_cases: int) -> dict[str, l
 
 def cases_overrides(train: list[str], val: list[str]) -> str:
     return f"data.train_cases=[{', '.join(train)}],data.val_cases=[{', '.join(val)}]"
+
+
+def adaptation_variants(rows: Sequence[str], overrides: Sequence[str], init: Path,
+                        ids: dict[str, list[str]]) -> list[str]:
+    """``segmentation.py --variant`` values of the rows: the common ``overrides``, the row's
+    own (initialised from ``init``) and the target cases."""
+    target = cases_overrides(ids["target_train"], ids["target_val"])
+    return [f"{row}:{','.join([*overrides, *ROWS[row], target])}"
+            .replace("{init}", str(init.resolve())) for row in rows]
 
 
 def trainable(run_dir: Path) -> tuple[int, int] | None:
@@ -124,6 +134,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source-val-cases", type=int, default=20, help="default 20")
     p.add_argument("--out", type=Path, default=Path("runs/bench_transfer"),
                    help="output folder (default runs/bench_transfer)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the pretraining and every row (repeatable), "
+                        "e.g. model.refine_channels=0")
     return p.parse_args(argv)
 
 
@@ -134,15 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = split(args.config, args.target_cases, args.source_val_cases)
     (args.out / "split.json").write_text(json.dumps(ids, indent=2))
     common = ["--config", str(args.config), "--fold", "0"]
-    source = f"{SOURCE}:{cases_overrides(ids['source_train'], ids['source_val'])}"
+    source_ids = ids["source_train"], ids["source_val"]
+    source = f"{SOURCE}:{','.join([*args.overrides, cases_overrides(*source_ids)])}"
     print(f"pretraining on {len(ids['source_train'])} source cases", flush=True)
     if seg.main([*common, "--minutes", str(args.pretrain_minutes), "--seeds", "0",
                  "--out", str(args.out / "pretrain"), "--variant", source]) != 0:
         return 1
     init = args.out / "pretrain" / f"{SOURCE}-s0"
-    target = cases_overrides(ids["target_train"], ids["target_val"])
-    variants = [f"{row}:{','.join([*ROWS[row], target])}".replace("{init}", str(init.resolve()))
-                for row in args.rows]
+    variants = adaptation_variants(args.rows, args.overrides, init, ids)
     status = seg.main([*common, "--minutes", str(args.minutes), "--seeds",
                        *map(str, args.seeds), "--out", str(args.out / "adapt"),
                        *[a for v in variants for a in ("--variant", v)]])

@@ -30,7 +30,8 @@ DESIGNS: dict[str, dict] = {
     "all KAN, depth 3 (earlier default)": {"depth": 3},
     "all KAN, stem stride 2, depth 2": {"depth": 2, "stem_stride": 2},
     "KAN at 1/4 + 1/8, stem stride 2": {"depth": 2, "stem_stride": 2, "kan_levels": [1, 2]},
-    "KAN at 1/8, stem stride 2 (default)": {"depth": 2, "stem_stride": 2, "kan_levels": [2]},
+    "KAN at 1/8, stem stride 2 (default without its refine head)": {
+        "depth": 2, "stem_stride": 2, "kan_levels": [2]},
     "KAN at 1/8, degree 2": {"depth": 2, "stem_stride": 2, "kan_levels": [2], "degree": 2},
     "KAN at 1/8, bottleneck convs": {"depth": 2, "stem_stride": 2, "kan_levels": [2],
                                      "bottleneck_convs": True},

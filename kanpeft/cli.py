@@ -7,6 +7,8 @@ import os
 import sys
 from typing import Sequence
 
+from kanseg.schema import show_deprecations_plainly
+
 DESCRIPTION = """\
 Parameter-efficient fine-tuning of pretrained KAN backbones: a kanseg run, checkpoint or model
 folder (VGG-KAN, ResKANet 18/34/50, UKANet...) or a torch-conv-kan checkpoint (a folder, a
@@ -136,6 +138,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    show_deprecations_plainly("kanpeft")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

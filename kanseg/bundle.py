@@ -11,8 +11,11 @@ written as MONAI transforms, the run's sliding-window settings, then activation,
 back to the input grid, the raw dataset label values and ``SaveImaged``. Run it with
 ``python -m monai.bundle run --config_file DIR/configs/inference.json --bundle_root DIR
 --dataset_dir IMAGES --output_dir OUT`` (MONAI's CLI needs ``fire``) or
-``monai.bundle.run(config_file=..., bundle_root=..., dataset_dir=...)``: one ``*.nii.gz``
-per case; multi-file cases (one file per channel) go in ``datalist`` as lists.
+``monai.bundle.run(config_file=..., bundle_root=..., dataset_dir=...)``. 3D runs: one
+``*.nii.gz`` / ``*.nii`` per case, ``<name>_seg.nii.gz`` out; multi-file cases (one file per
+channel) go in ``datalist`` as lists. 2D runs: one PNG / JPEG / TIFF / BMP per case (read
+as ``kanseg`` reads it: grey, or RGB for three channels), ``<name>_seg.png`` out (H x W, raw
+label values, 16-bit above 255).
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 
 from kanseg.data.config import DataConfig
-from kanseg.data.layouts import LabelSpec, input_channels, label_spec
+from kanseg.data.layouts import (
+    IMAGE_SUFFIXES_2D, NIFTI_SUFFIXES, LabelSpec, input_channels, label_spec,
+)
 from kanseg.inference import load_run, settings_from_config
 from kanseg.models.export import export_torchscript
 from kanseg.files import atomic_write
@@ -35,15 +40,18 @@ MODEL = "models/model.ts"
 
 def preprocessing_json(cfg: DataConfig) -> list[dict]:
     """The ``infer`` pipeline of :func:`kanseg.data.transforms.preprocessing` as MONAI
-    bundle config items (same transforms, same order, same arguments)."""
-    if cfg.spatial_dims != 3:
-        raise ValueError(f"bundle export supports 3D runs; this run has "
-                         f"data.spatial_dims={cfg.spatial_dims}")
-    steps: list[dict] = [{"_target_": "LoadImaged", "keys": "image", "image_only": True,
-                          "ensure_channel_first": True, "dtype": "$np.float32"}]
+    bundle config items (same transforms, same order, same arguments; 2D images through
+    MONAI's ``PILReader``, converted to grey or RGB as kanseg's 2D loader does)."""
+    load = {"_target_": "LoadImaged", "keys": "image", "image_only": True,
+            "ensure_channel_first": True, "dtype": "$np.float32"}
+    if cfg.spatial_dims == 2:
+        mode = "L" if input_channels(cfg) == 1 else "RGB"
+        load["reader"] = {"_target_": "PILReader",
+                          "converter": f"$lambda im: im.convert('{mode}')"}
+    steps: list[dict] = [load]
     if cfg.orientation:
         steps.append({"_target_": "Orientationd", "keys": "image",
-                      "axcodes": cfg.orientation.upper()[:3], "labels": None})
+                      "axcodes": cfg.orientation.upper()[:cfg.spatial_dims], "labels": None})
     if cfg.spacing:
         steps.append({"_target_": "Spacingd", "keys": "image", "pixdim": list(cfg.spacing),
                       "mode": "bilinear"})
@@ -66,7 +74,7 @@ def to_labels_expression(spec: LabelSpec, threshold: float) -> str:
     """A ``$lambda`` turning probabilities ``(K, *S)`` into raw label values ``(1, *S)``,
     as :func:`kanseg.inference.probabilities_to_labels` does (softmax: background is what
     the classes leave, as ``kanseg infer`` sets it where inversion padded)."""
-    dtype = "torch.uint8" if max(max(v) for v in spec.values) < 256 else "torch.int16"
+    dtype = "torch.int16" if _wide_labels(spec) else "torch.uint8"
     if spec.activation == "softmax":
         raw = [v[0] for v in spec.values]
         probs = "torch.cat([1 - p[1:].sum(0, keepdim=True), p[1:]])"
@@ -80,17 +88,27 @@ def to_labels_expression(spec: LabelSpec, threshold: float) -> str:
     return f"$lambda p: ({expr}).to({dtype})"
 
 
+def _wide_labels(spec: LabelSpec) -> bool:
+    """Whether a label value needs more than 8 bits."""
+    return max(max(v) for v in spec.values) > 255
+
+
 def inference_json(cfg: Any) -> dict:
     """The bundle's ``inference.json`` for a run config."""
     spec = label_spec(cfg.data)
     settings = settings_from_config(cfg)
     activation = {"sigmoid": True} if spec.activation == "sigmoid" else {"softmax": True}
+    suffixes = NIFTI_SUFFIXES if cfg.data.spatial_dims == 3 else IMAGE_SUFFIXES_2D
+    # 2D: a PNG of raw label values (PIL takes uint8 / uint16, not kanseg's int16 maps)
+    output = {"output_ext": ".nii.gz", "output_dtype": None} if cfg.data.spatial_dims == 3 \
+        else {"output_ext": ".png", "output_dtype": "$np.uint16" if _wide_labels(spec) else None}
     return {
         "imports": ["$import glob", "$import numpy as np", "$import torch"],
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/eval'",
         "dataset_dir": "$@bundle_root + '/data'",
-        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii.gz')))",
+        "datalist": f"$sorted(f for f in glob.glob(@dataset_dir + '/*') "
+                    f"if f.lower().endswith({suffixes!r}))",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "network": f"$torch.jit.load(@bundle_root + '/{MODEL}', map_location=@device).eval()",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing_json(cfg.data)},
@@ -106,8 +124,8 @@ def inference_json(cfg: Any) -> dict:
             {"_target_": "Lambdad", "keys": "pred",
              "func": to_labels_expression(spec, settings.threshold)},
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir",
-             "output_postfix": "seg", "output_dtype": None, "resample": False,
-             "separate_folder": False, "print_log": False},
+             "output_postfix": "seg", **output, "resample": False, "separate_folder": False,
+             "print_log": False},
         ]},
         "predict": "$torch.no_grad()(lambda d: dict(d, pred=@inferer("
                    "d['image'][None].to(@device), @network)[0].cpu()))",
@@ -122,7 +140,7 @@ def metadata_json(cfg: Any) -> dict:
     data = cfg.data
     roi = settings_from_config(cfg).roi_size
     channels = input_channels(data)
-    modality = "CT" if data.intensity == "ct" else "MR"
+    modality = {"ct": "CT", "mri": "MR"}.get(data.intensity, "unknown")
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
                   "0.8.1/meta_schema_20220324.json",

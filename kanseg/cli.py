@@ -9,8 +9,9 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
 from typing import Sequence
+
+from kanseg.schema import show_deprecations_plainly
 
 DESCRIPTION = """\
 KAN-convolution segmentation for medical images (UKANet / U2KANet, 2D and 3D).
@@ -69,30 +70,9 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _plain_deprecations() -> None:
-    """Show config-key and model-option deprecations as one ``kanseg: warning:`` line, without
-    a source line."""
-    from kanseg.schema import DeprecatedKeyWarning, DeprecatedOptionWarning
-
-    show = warnings.showwarning
-    if getattr(show, "plain_deprecations", False):  # main() called again in one process
-        return
-    # a DeprecationWarning, hidden by default outside __main__: show it (once per place)
-    warnings.filterwarnings("default", category=DeprecatedOptionWarning)
-
-    def plain(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        if issubclass(category, (DeprecatedKeyWarning, DeprecatedOptionWarning)):
-            print(f"kanseg: warning: {message}", file=sys.stderr)
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    plain.plain_deprecations = True  # type: ignore[attr-defined]
-    warnings.showwarning = plain
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _plain_deprecations()
+    show_deprecations_plainly("kanseg")
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -158,6 +158,10 @@ def check_peft_config(peft: PeftConfig) -> None:
         if unknown:
             raise ConfigError(f"peft.options.{unknown[0]}: without peft.method only train_norm "
                               "applies (the peft.trainable modules train in full)")
+        if peft.options.get("train_norm") and not peft.trainable:
+            raise ConfigError("peft.options.train_norm: trains the norms of an adapted network; "
+                              "give a method in peft.method or modules that train in full in "
+                              "peft.trainable")
         return
     from kanpeft.api import method_config
 
@@ -173,13 +177,17 @@ def check_peft_config(peft: PeftConfig) -> None:
 
 
 def check_model(model: ModelConfig) -> None:
-    """Build the model once (on the meta device: no memory, no init cost); report a bad name
-    or option as ``model.<key>`` (the key the registry's :class:`OptionError` carries)."""
+    """Put deprecated option names of ``model.kwargs`` under their new names (in place, so a
+    saved config uses them), then build the model once (on the meta device: no memory, no init
+    cost); report a bad name or option as ``model.<key>`` (the key the registry's
+    :class:`OptionError` carries)."""
     import torch
 
     from kanseg.layers.errors import OptionError, UnknownOptionError
+    from kanseg.models.registry import renamed_model_options
 
     try:
+        model.kwargs = renamed_model_options(model.name, model.kwargs, stacklevel=2)
         with torch.device("meta"):
             model.build()
     except UnknownOptionError as err:

@@ -1,7 +1,8 @@
 """DICOM-SEG output for DICOM series input, made with highdicom.
 
-``kanseg infer`` takes a folder holding one DICOM series as a case: SimpleITK converts it to
-NIfTI (:func:`dicom_as_nifti`), it is predicted like any NIfTI case, and its label map is
+``kanseg infer`` takes a folder holding one DICOM series (or ``FOLDER#SeriesInstanceUID``, one
+series of a folder holding several) as a case: SimpleITK converts it to NIfTI
+(:func:`dicom_as_nifti`), it is predicted like any NIfTI case, and its label map is
 written both as ``<id>.nii.gz`` and as a DICOM Segmentation object ``<id>.seg.dcm``
 (:func:`write_dicom_seg`): one segment per non-background label value of the run's config,
 named from the config, one frame per source slice that holds a segment, each referencing
@@ -30,11 +31,13 @@ def is_dicom_series(folder: Path) -> bool:
 
 
 def dicom_as_nifti(case: dict, work: Path) -> dict:
-    """``case`` with its DICOM series (``case["dicom"]``) converted to ``work/<id>.nii.gz``
-    as its image; a case without ``"dicom"`` is returned as it is."""
+    """``case`` with its DICOM series (folder ``case["dicom"]``, series ``case["series"]``)
+    converted to ``work/<id>.nii.gz`` as its image; a case without ``"dicom"`` is returned as
+    it is."""
     if "dicom" not in case:
         return case
-    return {**case, "image": str(convert_to_nifti(case["dicom"], work / f"{case['id']}.nii.gz"))}
+    nifti = convert_to_nifti(case["dicom"], work / f"{case['id']}.nii.gz", case.get("series"))
+    return {**case, "image": str(nifti)}
 
 
 def segment_labels(data_cfg: Any) -> list[tuple[int, str]]:
@@ -75,15 +78,17 @@ def _read_source(path: str) -> Any:
 
 
 def write_dicom_seg(labels: np.ndarray, series: str | Path, path: str | Path,
-                    segments: Sequence[tuple[int, str]], algorithm: str) -> Path:
+                    segments: Sequence[tuple[int, str]], algorithm: str,
+                    series_id: str | None = None) -> Path:
     """Write ``labels`` (raw label values, ``(x, y, z)`` on the grid SimpleITK reads the
-    DICOM series folder ``series`` into) as a DICOM-SEG at ``path``, atomically.
+    DICOM series folder ``series`` into; its series ``series_id`` when it holds several) as a
+    DICOM-SEG at ``path``, atomically.
 
     Segment ``i`` holds the voxels of ``segments[i - 1]``'s raw value; the SEG joins the
     source series' study and frame of reference and references each source slice."""
     import highdicom as hd
 
-    files = dicom_series_files(series)
+    files = dicom_series_files(series, series_id)
     sources = [_read_source(f) for f in files]
     frames = np.transpose(labels, (2, 1, 0))  # (slices in file order, rows, columns)
     expected = (len(files), int(sources[0].Rows), int(sources[0].Columns))

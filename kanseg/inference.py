@@ -26,6 +26,7 @@ from kanseg.data.layouts import (
     load_cases, test_cases,
 )
 from kanseg.config import InferenceConfig
+from kanseg.data.readers import dicom_series
 from kanseg.dicom_seg import SEG_SUFFIX, is_dicom_series, segment_labels, write_dicom_seg
 from kanseg.engine.checkpoint import WEIGHTS, load_weights, resolve
 from kanseg.files import atomic_write
@@ -214,18 +215,46 @@ def case_id(path: str | Path) -> str:
     return Path(path).stem
 
 
+def _split_series(path: Path) -> tuple[Path, str | None]:
+    """``FOLDER#SeriesInstanceUID`` -> ``(FOLDER, uid)``; any other path (or one that exists
+    as it is) -> ``(path, None)``."""
+    folder, sep, uid = str(path).rpartition("#")
+    if not sep or path.exists() or not Path(folder).is_dir():
+        return path, None
+    return Path(folder), uid
+
+
+def dicom_case(folder: Path, uid: str | None = None) -> dict:
+    """The case of DICOM series ``uid`` in ``folder`` (``None``: its only series). When the
+    folder holds several series and none is named, or not the named one, the error lists
+    the series there (UID, description, files) and how to pick one."""
+    found = dicom_series(folder)
+    if uid is None and len(found) == 1:
+        uid = found[0].uid
+    if uid is None or uid not in {s.uid for s in found}:
+        problem = f"holds no DICOM series {uid!r}" if uid else f"holds {len(found)} DICOM series"
+        listing = "".join(f"\n  {s}" for s in found) or " none"
+        raise InferenceError(f"input folder {folder} {problem}; pick one with --input "
+                             f"{folder}#<SeriesInstanceUID>; series found:{listing}")
+    return {"id": folder.name, "image": str(folder.resolve()), "dicom": str(folder.resolve()),
+            "series": uid}
+
+
 def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None) -> list[dict]:
     """Cases ``{"id", "image"}`` to predict from a file, a BraTS case folder, a folder of image
-    files, a DICOM series folder (also ``"dicom"``: convert it with
-    :func:`kanseg.dicom_seg.dicom_as_nifti`), or (with ``layout``) a dataset root in that
-    layout (every case it lists). A case's missing files are reported when it is predicted,
-    so that the other cases still are."""
-    path = Path(path).expanduser()
+    files, a DICOM series folder or ``FOLDER#SeriesInstanceUID`` (also ``"dicom"`` and
+    ``"series"``: convert it with :func:`kanseg.dicom_seg.dicom_as_nifti`; see
+    :func:`dicom_case`), or (with ``layout``) a dataset root in that layout (every case it
+    lists). A case's missing files are reported when it is predicted, so that the other
+    cases still are."""
+    path, series = _split_series(Path(path).expanduser())
     if path.is_file():
         return [{"id": case_id(path), "image": str(path.resolve())}]
     if not path.is_dir():
         raise InferenceError(f"input {str(path)!r} does not exist")
-    if layout is not None:
+    if series is not None:
+        cases = [dicom_case(path, series)]
+    elif layout is not None:
         cfg = dataclasses.replace(data_cfg, root=str(path), layout=layout)
         by_id = {c["id"]: c for c in load_cases(cfg) + test_cases(cfg)}
         cases = list(by_id.values())
@@ -239,11 +268,11 @@ def list_input_cases(path: str | Path, data_cfg: Any, layout: str | None = None)
         cases = [{"id": case_id(f), "image": str(f.resolve())} for f in sorted(path.iterdir())
                  if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
         if not cases and is_dicom_series(path):
-            cases = [{"id": path.name, "image": str(path.resolve()), "dicom": str(path.resolve())}]
+            cases = [dicom_case(path)]
     if not cases:
         raise InferenceError(f"input folder {path} holds no cases"
                              + (f" of layout {layout!r}" if layout else ""))
-    return [{k: c[k] for k in ("id", "image", "dicom") if k in c} for c in cases]
+    return [{k: c[k] for k in ("id", "image", "dicom", "series") if k in c} for c in cases]
 
 
 def _first_file(image: str | list[str]) -> str:
@@ -399,7 +428,8 @@ def run_inference(cfg: Any, model: nn.Module, cases: Iterable[dict], output: str
         if "dicom" in case and settings.output_format in ("auto", "dicom-seg"):
             written.append(write_dicom_seg(labels, case["dicom"],
                                            output / f"{case['id']}{SEG_SUFFIX}",
-                                           segment_labels(cfg.data), f"kanseg {cfg.model.name}"))
+                                           segment_labels(cfg.data), f"kanseg {cfg.model.name}",
+                                           case.get("series")))
         if settings.save_probabilities:
             channels_last = np.moveaxis(probs.numpy().astype(np.float32), 0, -1)
             write_like(channels_last, reference,

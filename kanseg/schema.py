@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 import warnings
@@ -30,8 +31,26 @@ class DeprecatedKeyWarning(FutureWarning):
 
 class DeprecatedOptionWarning(DeprecationWarning):
     """A model was given the old name of a renamed option (it still works; see
-    :func:`kanseg.models.registry.renamed_options`). The ``kanseg`` CLI shows it like a
-    :class:`DeprecatedKeyWarning`."""
+    :func:`kanseg.models.registry.renamed_options`). The CLIs show it like a
+    :class:`DeprecatedKeyWarning` (:func:`show_deprecations_plainly`)."""
+
+
+def show_deprecations_plainly(prog: str) -> None:
+    """Show config-key and model-option deprecations as one ``<prog>: warning: ...`` line on
+    stderr, without a source line (a CLI's ``main`` calls it first)."""
+    # a main() called again in one process wraps the original showwarning again
+    show = getattr(warnings.showwarning, "wrapped", warnings.showwarning)
+    # a DeprecationWarning, hidden by default outside __main__: show it (once per place)
+    warnings.filterwarnings("default", category=DeprecatedOptionWarning)
+
+    def plain(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        if issubclass(category, (DeprecatedKeyWarning, DeprecatedOptionWarning)):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    plain.wrapped = show  # type: ignore[attr-defined]
+    warnings.showwarning = plain
 
 
 def _type_name(tp: Any) -> str:

@@ -1,5 +1,6 @@
 """``kanseg export RUN --bundle DIR``: the MONAI bundle loads with ``monai.bundle``'s
-ConfigParser, its inference.json runs on NIfTI files and gives the labels of ``kanseg infer``."""
+ConfigParser, its inference.json runs on NIfTI files (3D runs) or PNG files (2D runs) and
+gives the labels of ``kanseg infer``."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from PIL import Image
 
 from kanseg.bundle import to_labels_expression
 from kanseg.cli import main
@@ -71,3 +73,38 @@ def test_label_expression_equals_kanseg_labels(spec):
         probs = torch.softmax(probs * 4, 0)
     to_labels = eval(to_labels_expression(spec, 0.5)[1:], {"torch": torch})
     assert np.array_equal(to_labels(probs)[0].numpy(), probabilities_to_labels(probs, spec))
+
+
+def test_2d_bundle_writes_the_png_masks_of_kanseg_infer(tmp_path, saved_run):
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = (np.random.default_rng(0).random((20, 28)) * 255).astype(np.uint8)
+    pixels[4:12, 6:20] = 255  # a bright block, not symmetric under transposition
+    Image.fromarray(pixels).save(images / "a.png")
+    (images / "notes.txt").write_text("not an image")
+    run = saved_run({
+        "data": {"root": str(tmp_path), "layout": "folder2d", "spatial_dims": 2,
+                 "patch_size": [16, 16], "labels": ["background", "lesion"],
+                 "label_values": [0, 7]},
+        "model": {"name": "ukanet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+                  "depth": 1, "width": 4},
+        "loss": {"name": "dice_ce"},
+    })
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(run), "--bundle", str(bundle)]) == 0
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [16, 16]
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs/inference.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["dataset_dir"] = str(images)
+    parser["output_dir"] = str(tmp_path / "bundle_pred")
+    parser.get_parsed_content("run")
+    assert main(["infer", "--checkpoint", str(run), "--input", str(images),
+                 "--output", str(tmp_path / "kanseg_pred")]) == 0
+    with Image.open(tmp_path / "bundle_pred" / "a_seg.png") as got, \
+            Image.open(tmp_path / "kanseg_pred" / "a.png") as want:
+        assert got.size == want.size == (28, 20) and got.mode == want.mode == "L"
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+        assert set(np.unique(np.asarray(want)).tolist()) == {0, 7}  # raw values, not constant

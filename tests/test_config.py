@@ -130,8 +130,9 @@ def test_renamed_key_still_works_with_a_warning_and_is_saved_under_its_new_name(
 
 
 @pytest.mark.filterwarnings("ignore:model.name=densekanet. dropped:UserWarning")
-def test_renamed_model_option_still_works_with_a_warning(demo):
-    """``model.bottleneck`` (every KAN conv a bottleneck conv) is now ``bottleneck_convs``."""
+def test_renamed_model_option_still_works_with_a_warning(tmp_path, demo):
+    """``model.bottleneck`` (every KAN conv a bottleneck conv) is now ``bottleneck_convs``, and
+    is saved under that name."""
     import torch
 
     dense = ["model.name=densekanet", "model.block_config=[1,1]", "model.growth_rate=4",
@@ -139,11 +140,24 @@ def test_renamed_model_option_still_works_with_a_warning(demo):
     with pytest.warns(DeprecationWarning,
                       match="model option bottleneck is deprecated; use bottleneck_convs"):
         cfg = load_config(demo, dense + ["model.bottleneck=true"])
-    with pytest.warns(DeprecationWarning), torch.device("meta"):
+    with torch.device("meta"):
         assert cfg.model.build().model_config["bottleneck_convs"] is True
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())["model"]
+    assert saved["bottleneck_convs"] is True and "bottleneck" not in saved
     with pytest.raises(ConfigError, match=r"model\.bottleneck_convs: bottleneck and "
                                           r"bottleneck_convs are the same option"):
         load_config(demo, dense + ["model.bottleneck=true", "model.bottleneck_convs=true"])
+
+
+def test_train_norm_needs_a_method_or_trainable_modules():
+    from kanseg.config import PeftConfig, check_peft_config
+
+    with pytest.raises(ConfigError, match=r"peft\.options\.train_norm: .*peft\.method.*"
+                                          r"peft\.trainable"):
+        check_peft_config(PeftConfig(options={"train_norm": True}))
+    check_peft_config(PeftConfig(options={"train_norm": True}, trainable=["heads"]))
+    check_peft_config(PeftConfig(options={"train_norm": False}))
 
 
 def test_loss_weights_reach_the_voxelwise_term():

@@ -191,7 +191,7 @@ def test_modules_that_do_not_exist_are_listed():
 
 
 def test_a_reinitialised_head_must_train(tmp_path):
-    cfg = load_config(PEFT, ["model.width=4", "peft.trainable=[]"])
+    cfg = load_config(PEFT, ["model.width=4", "model.refine_channels=0", "peft.trainable=[]"])
     model = cfg.model.build()
     state = {k: v for k, v in cfg.model.build().state_dict().items() if not k.startswith("heads")}
     report = load_matching(model, state)

@@ -25,7 +25,8 @@ or ITK-SNAP; PNG/JPEG/TIFF/BMP inputs get OUTPUT/<name>.png masks of the input's
 width instead (--format nifti keeps NIfTI). A folder holding one DICOM series is a case too:
 it is converted with SimpleITK and gets OUTPUT/<folder name>.nii.gz plus a DICOM-SEG
 OUTPUT/<folder name>.seg.dcm referencing the source series (--format auto or dicom-seg;
-segments named from the config). --save-probabilities adds
+segments named from the config). A folder holding several series is refused with their list;
+pick one with --input FOLDER#<SeriesInstanceUID>. --save-probabilities adds
 OUTPUT/probabilities/<case id>.nii.gz (channels last).
 Sliding-window settings default to the run config's `inference` section. Inputs are checked
 as `kanseg data check` does (unreadable files, NaN/Inf voxels...); a bad case is reported and

@@ -19,6 +19,7 @@ from .layouts import (
     BRATS_MODALITIES, NIFTI_SUFFIXES, DataError, LabelSpec, label_spec, load_cases,
     msd_dataset_json, nnunet_dataset_json, test_cases,
 )
+from .readers import dicom_series
 
 if TYPE_CHECKING:  # SimpleITK is imported when a conversion runs, not with kanseg.data
     import SimpleITK as sitk
@@ -33,11 +34,11 @@ def dicom_series_files(folder: str | Path, series_id: str | None = None) -> list
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not ids:
         raise DataError(f"no DICOM series found in folder {folder}")
-    if series_id is None and len(ids) > 1:
-        raise DataError(f"{folder} holds {len(ids)} DICOM series; choose one with "
-                        f"--series: {', '.join(ids)}")
-    if series_id is not None and series_id not in ids:
-        raise DataError(f"DICOM series {series_id!r} is not in {folder}; found {', '.join(ids)}")
+    if series_id is None and len(ids) > 1 or series_id is not None and series_id not in ids:
+        problem = (f"holds {len(ids)} DICOM series; choose one with --series"
+                   if series_id is None else f"holds no DICOM series {series_id!r}")
+        listing = "".join(f"\n  {s}" for s in dicom_series(folder))
+        raise DataError(f"{folder} {problem}; series found:{listing}")
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_id or ids[0]))
 
 

@@ -1,4 +1,5 @@
-"""A MONAI image reader backed by SimpleITK, for ``.mha`` / ``.mhd`` / ``.nrrd`` / ``.nhdr``.
+"""A MONAI image reader backed by SimpleITK, for ``.mha`` / ``.mhd`` / ``.nrrd`` / ``.nhdr``,
+and the listing of the DICOM series in a folder (:func:`dicom_series`).
 
 MONAI's own ``ITKReader`` needs the large ``itk`` package; SimpleITK is already a dependency.
 Arrays come out in (x, y, z) order with a RAS affine, like MONAI's NIfTI reader, so the same
@@ -6,6 +7,7 @@ pipeline (orientation, spacing, inversion) applies to every format.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +17,35 @@ from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+SERIES_DESCRIPTION = "0008|103e"
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder."""
+
+    uid: str  # SeriesInstanceUID, as GDCM groups the files
+    description: str  # SeriesDescription ("" when the files have none)
+    files: int
+
+    def __str__(self) -> str:
+        return f"{self.uid} ({self.description or 'no description'}, {self.files} files)"
+
+
+def dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """Every DICOM series GDCM finds in ``folder`` (not its subfolders); none: ``[]``."""
+    import SimpleITK as sitk
+
+    found = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        header = sitk.ImageFileReader()
+        header.SetFileName(files[0])
+        header.ReadImageInformation()
+        description = header.GetMetaData(SERIES_DESCRIPTION).strip() \
+            if header.HasMetaDataKey(SERIES_DESCRIPTION) else ""
+        found.append(DicomSeries(uid, description, len(files)))
+    return found
 
 
 def sitk_affine(image: Any) -> np.ndarray:

@@ -8,7 +8,7 @@ GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer, and the networ
 them (KAGN, KALN, KACN, KAJN, KAN). Anything else is refused with the list of what is
 covered. WavKAN convs, WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
 Deliberate exception: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis
-it intends). Networks DenseKANet, TinyDenseKANet, ResKANet and KAGNRDNet: see
+it intends). Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet and KAGNRDNet: see
 :mod:`kanseg.models.convert_models`. MoE convs: see :mod:`kanseg.models.convert_moe`.
 Attention and focal-modulation layers, KAGN V2 and bottleneck ReLU-KAN convs, UKANet and
 UKAGNet: see :mod:`kanseg.models.convert_attention`.

@@ -216,11 +216,12 @@ def mirror_into(ours: nn.Module, theirs: nn.Module, where: str = "") -> None:
 
 
 def _first_conv_options(conv: nn.Module) -> dict:
-    """Family, norm and affine of a converted conv (to build a network of the same kind)."""
+    """Family, norm, affine and bottleneck_convs of a converted conv (to build a network of the
+    same kind)."""
     norm = conv.norm
     name = {nn.BatchNorm2d: "batch", nn.InstanceNorm2d: "instance"}.get(type(norm), "none")
     return dict(family=conv.basis.family, norm=name, affine=getattr(norm, "affine", True),
-                bottleneck=isinstance(conv, KANBottleneckConv))
+                bottleneck_convs=isinstance(conv, KANBottleneckConv))
 
 
 def _convert_ukanet(module: nn.Module) -> TCKUKANet:

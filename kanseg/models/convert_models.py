@@ -1,12 +1,13 @@
 """torch-conv-kan networks -> ours, for :func:`~.convert.convert_torch_conv_kan`: DenseKANet and
-TinyDenseKANet, ResKANet, KAGNRDNet, the VGGs of ``models/vggkan.py`` built of KAGN or KALN
-convs, and the MatryoshkaHead of its heads.
+TinyDenseKANet, ResKANet and MoEResKANet, KAGNRDNet, the VGGs of ``models/vggkan.py`` built of
+KAGN or KALN convs, and the MatryoshkaHead of its heads.
 
 Our network is built (``create_model``) from the options read off the reference instance;
 then each of its layers is loaded strictly with the weights of the matching reference layer,
 converted by ``convert_torch_conv_kan`` (so a layer whose shapes differ is an error, never a
 partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottleneck, KALN,
-KACN, KAJN). Not covered: MoE networks (the MoE VGGs aside), RDNet's
+KACN, KAJN). Not covered: MoE networks (the MoE VGGs and MoEResKANets of MoE KALN convs
+aside; not the ``reskagnetbn_moe_*``, whose blocks mix KAGN and KALN convs), RDNet's
 ``post_block_attention``, and torch-conv-kan's RDNet stem when it differs from the body (its
 stem is always a degree-3 bottleneck KAGN conv).
 
@@ -27,8 +28,10 @@ from torch import nn
 
 from . import convert as core
 from .heads import MatryoshkaLinear
-from .registry import create_model, get_model_spec, list_models
-from .torch_conv_kan import convert_state_dict, layer_state_to_ours, model_from_config
+from .registry import create_model
+from .reskanet import EXPANSION
+from .torch_conv_kan import (convert_state_dict, layer_state_to_ours, model_from_config,
+                             reskanet_model)
 from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN, vgg_layout
 
 
@@ -135,34 +138,49 @@ def convert_densekanet(reference: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- ResKANet
 def convert_reskanet(reference: nn.Module) -> nn.Module:
-    """torch-conv-kan's ``ResKANet`` -> our :class:`ResKANet` with ``style="torch_conv_kan"``."""
+    """torch-conv-kan's ``ResKANet`` and ``MoEResKANet`` -> our :class:`ResKANet` with
+    ``style="torch_conv_kan"`` (:func:`~.torch_conv_kan.reskanet_model`: an MoEResKANet's
+    summed auxiliary losses are its returned loss). Every stem size, stride and max-pool;
+    not MoEResKANet's hidden layer, nor its blocks of MoE bottleneck-KAGN convs."""
+    name = type(reference).__name__
     stem = _unwrap(reference.conv1)
-    _check_geometry(stem, "ResKANet stem", kernel_size=7, stride=2, padding=3)
-    if reference.maxpool is None or reference.base_width != 64 or reference.dilation != 1:
-        raise ValueError("ResKANet: only use_first_maxpool=True, width_per_group=64 and no "
-                         "dilation convert")
-    _check_geometry(reference.maxpool, "ResKANet max-pool", kernel_size=3, stride=2, padding=1)
+    _check_geometry(stem, f"{name} stem", padding=stem.kernel_size // 2)
+    if (reference.base_width != 64 or reference.dilation != 1
+            or getattr(reference, "hidden_layer", None) is not None):
+        raise ValueError(f"{name}: only width_per_group=64, no dilation and no hidden layer "
+                         "convert")
+    if reference.maxpool is not None:
+        _check_geometry(reference.maxpool, f"{name} max-pool", kernel_size=3, stride=2,
+                        padding=1)
     ref_stages = [reference.layer1, reference.layer2, reference.layer3, reference.layer4]
-    kind = "bottleneck" if hasattr(ref_stages[0][0], "conv3") else "basic"
-    layers = tuple(len(stage) for stage in ref_stages)
-    name = next((n for n in list_models() if n.startswith("reskanet")
-                 and get_model_spec(n).defaults == {"layers": layers, "block": kind}),
-                "reskanet18")
-    options = _conv_options(stem)
-    ours = create_model(
-        name, in_channels=stem.inputdim, num_classes=reference.fc.out_features, layers=layers,
-        block=kind, width=stem.outdim,
-        dropout_linear=reference.drop.p, groups=reference.groups, style="torch_conv_kan",
-        **options)
+    ref_blocks = [block for stage in ref_stages for block in stage]
+    kind = "bottleneck" if hasattr(ref_blocks[0], "conv3") else "basic"
+    ref_convs = [[_unwrap(block.conv1), _unwrap(block.conv2)]
+                 + ([_unwrap(block.conv3)] if kind == "bottleneck" else [])
+                 for block in ref_blocks]
+    mixture = next((c for convs in ref_convs for c in convs if hasattr(c, "w_gate")), None)
+    moe = {}
+    if mixture is not None:
+        if hasattr(mixture, "inner_dim"):
+            raise ValueError(f"{name}: blocks of MoE bottleneck-KAGN convs "
+                             "(reskagnetbn_moe_*) do not convert: they mix KAGN and KALN "
+                             "convs and norms")
+        moe = dict(moe_experts=mixture.num_experts, moe_top_k=mixture.k,
+                   moe_noisy_gating=mixture.noisy_gating)
+    ours = reskanet_model(
+        tuple(len(stage) for stage in ref_stages), kind,
+        in_channels=stem.inputdim, num_classes=reference.fc.out_features,
+        width=reference.fc.in_features // (8 * EXPANSION[kind]), stem_width=stem.outdim,
+        stem_kernel_size=stem.kernel_size, stem_stride=stem.stride,
+        first_maxpool=reference.maxpool is not None, dropout=core._dropout(stem),
+        dropout_linear=reference.drop.p, groups=reference.groups, **_conv_options(stem), **moe)
     _load(ours.stem, stem)
-    for stage, ref_stage in zip(ours.stages, ref_stages):
-        for block, ref_block in zip(stage, ref_stage):
-            convs = [ref_block.conv1, ref_block.conv2] + (
-                [ref_block.conv3] if kind == "bottleneck" else [])
-            for conv, ref_conv in zip(block.body, convs):
-                _load(conv, ref_conv)
-            if ref_block.downsample is not None:
-                _load(block.shortcut, ref_block.downsample)
+    for block, ref_block, convs in zip((b for s in ours.stages for b in s), ref_blocks,
+                                       ref_convs):
+        for conv, ref_conv in zip(block.body, convs):
+            _load(conv, ref_conv)
+        if ref_block.downsample is not None:
+            _load(block.shortcut, ref_block.downsample)
     _load(ours.head[1], reference.fc)
     return ours
 
@@ -418,7 +436,8 @@ def convert_matryoshka(reference: nn.Module) -> MatryoshkaLinear:
 
 #: torch-conv-kan class -> converter (entries of ``convert._CONVERTERS``)
 NETWORK_CONVERTERS = {"DenseKANet": convert_densekanet, "TinyDenseKANet": convert_densekanet,
-                      "ResKANet": convert_reskanet, "KAGNRDNet": convert_rdnet,
+                      "ResKANet": convert_reskanet, "MoEResKANet": convert_reskanet,
+                      "KAGNRDNet": convert_rdnet,
                       "VGG": convert_vgg, "MatryoshkaHead": convert_matryoshka}
 
 __all__ = ["NETWORK_CONVERTERS", "convert_densekanet", "convert_matryoshka", "convert_rdnet",

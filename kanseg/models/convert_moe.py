@@ -1,8 +1,8 @@
 """torch-conv-kan's mixture-of-experts convs -> :class:`~kanseg.layers.moe.MoEKANConv`, for
 :func:`~.convert.convert_torch_conv_kan`, and their state-dict layout for
-:func:`~.torch_conv_kan.load_torch_conv_kan` (the MoE VGG checkpoints).
+:func:`~.torch_conv_kan.load_torch_conv_kan` (the MoE VGG and MoEResKANet checkpoints).
 
-Two forms:
+Covered:
 
 - ``MoE{KAN,FastKAN,KALN,KACN,KAGN,WavKAN,FullBottleneckKAGN}Conv{1,2,3}DLayer``
   (``MoEKANConvBase``): whole KAN convs are the experts -> a :class:`MoEKANConv` of the
@@ -13,7 +13,10 @@ Two forms:
   built with ``moe_inner=True``;
 - the MoE VGGs ``MoEVGGKAGN`` and ``MoE_VGGKAGN_BN`` -> our VGG-KAN with ``moe_*`` options,
   through :func:`~.convert_models.convert_vgg` (like every torch-conv-kan VGG), whose layers
-  map with :func:`moe_state_to_ours`.
+  map with :func:`moe_state_to_ours`;
+- the MoEResKANets of MoE KALN convs -> our ResKANet with ``moe_*`` options, through
+  :func:`~.convert_models.convert_reskanet` (instances) and
+  :func:`~.torch_conv_kan.reskanet_from_state_dict` (state dicts, mapped the same way).
 
 Eval-mode outputs and load-balancing losses match; in training the gating noise matches too
 for the same random state (dropout differs, as for the plain convs). The reference's constant

@@ -102,6 +102,14 @@ def get_model_spec(name: str) -> ModelSpec:
     return _MODELS[name]
 
 
+def renamed_model_options(name: str, options: dict[str, Any],
+                          stacklevel: int = 1) -> dict[str, Any]:
+    """``options`` of model ``name`` with its deprecated option names (the builder's
+    ``RENAMED_OPTIONS``) under their new names: :func:`rename_options`."""
+    renamed = getattr(get_model_spec(name).builder, "RENAMED_OPTIONS", {})
+    return rename_options(renamed, options, stacklevel + 1)
+
+
 def family_option_names(family: str) -> set[str]:
     """Keyword options accepted by KAN ``family`` (basis options plus layer options)."""
     if family not in BASIS_REGISTRY:
@@ -147,7 +155,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     :func:`kanseg.models.io.save_model` writes as ``config.json``), under the new names.
     """
     spec = get_model_spec(name)
-    kwargs = rename_options(getattr(spec.builder, "RENAMED_OPTIONS", {}), kwargs, stacklevel=2)
+    kwargs = renamed_model_options(name, kwargs, stacklevel=2)
     merged = {**spec.defaults, **kwargs}
     _check_kwargs(spec, merged)
     model = spec.builder(**merged)
@@ -174,5 +182,6 @@ def count_parameters(name: str, **kwargs: Any) -> int:
 
 __all__ = [
     "ModelSpec", "accepted_arguments", "count_parameters", "create_model", "family_option_names", "get_model_spec",
-    "list_models", "register_model", "rename_options", "renamed_options", "resolved_config",
+    "list_models", "register_model", "rename_options", "renamed_model_options", "renamed_options",
+    "resolved_config",
 ]

@@ -1,4 +1,5 @@
-"""ResKANet: ResNet-18/34/50/101/152 layouts made of residual KAN blocks (2D backbones)."""
+"""ResKANet: ResNet-18/34/50/101/152 layouts made of residual KAN blocks (2D backbones), and
+their mixture-of-experts variants (``moe_reskanet*``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kanseg.layers.errors import OptionError
+from kanseg.layers.moe import MOE_OPTIONS
 
 from .blocks import BLOCK_KINDS, ConvFactory, res_stage
 from .heads import HeadMixin
@@ -24,6 +26,11 @@ class ResKANet(HeadMixin, nn.Module):
     bottleneck blocks). ``forward_features`` returns the maps at strides 2, 4, 8, 16, 32;
     ``forward`` global-average-pools the last and applies dropout + linear (``num_classes=0``:
     no head, ``forward`` returns the pooled features).
+    ``stem_width`` (default ``width * width_scale``), ``stem_kernel_size``, ``stem_stride`` and
+    ``first_maxpool`` shape the stem (torch-conv-kan's 3x3 stride-1 stems; ``feature_strides``
+    follow). The ``moe_*`` options (:mod:`kanseg.layers.moe`) make every KAN conv with a kernel
+    > 1 but the stem a sparse mixture of experts, as torch-conv-kan's ``MoEResKANet``
+    (``moe_reskanet*``: 8 experts, top 2); their load-balancing losses are auxiliary losses.
     ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
     ``groups``; the stem from image channels and the heads stay ungrouped).
     ``head_type``: any head of :mod:`.heads` (default "Linear": dropout + linear).
@@ -48,6 +55,10 @@ class ResKANet(HeadMixin, nn.Module):
         groups: int = 1,
         head_type: str | None = "Linear",
         style: str = "kanseg",
+        stem_width: int | None = None,
+        stem_kernel_size: int = 7,
+        stem_stride: int = 2,
+        first_maxpool: bool = True,
         **family_options,
     ):
         super().__init__()
@@ -63,24 +74,28 @@ class ResKANet(HeadMixin, nn.Module):
                               f"width * width_scale must be >= 1, got {width} * {width_scale}")
         conv = ConvFactory(family, 2, norm, bottleneck_convs, options=family_options,
                            groups=groups)
-        self.stem = conv(in_channels, base, 7, stride=2)
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        channels = stem_width or base
+        self.stem = conv(in_channels, channels, stem_kernel_size, stride=stem_stride,
+                         moe_experts=0)
+        self.pool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if first_maxpool
+                     else nn.Identity())
         self.stages = nn.ModuleList()
-        self.feature_channels = [base]
-        channels = base
+        self.feature_channels = [channels]
         for i, blocks in enumerate(layers):
             out = base * 2**i * EXPANSION[block]
             self.stages.append(STYLES[style](conv, channels, out, blocks, 1 if i == 0 else 2,
                                              block))
             self.feature_channels.append(out)
             channels = out
-        self.feature_strides = [2, 4, 8, 16, 32]
+        stride = stem_stride * (2 if first_maxpool else 1)
+        self.feature_strides = [stem_stride] + [stride * 2**i for i in range(4)]
+        head_options = {k: v for k, v in family_options.items() if k not in MOE_OPTIONS}
         self.head_options = dict(head_type=head_type, in_features=channels,
-                                 dropout_linear=dropout_linear, family=family, **family_options)
+                                 dropout_linear=dropout_linear, family=family, **head_options)
         self.reset_classifier(num_classes)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Feature maps at strides 2 (stem), 4, 8, 16, 32."""
+        """Feature maps of the stem and of each stage (at ``feature_strides``)."""
         x = self.stem(x)
         features = [x]
         x = self.pool(x)
@@ -101,3 +116,7 @@ for _depth, _layers, _block in ((18, (2, 2, 2, 2), "basic"), (34, (3, 4, 6, 3), 
     register_model(f"reskanet{_depth}", ResKANet, dims=(2,), task="classification",
                    layers=_layers, block=_block,
                    description=f"ResNet-{_depth} layout of residual KAN blocks ({_block})")
+    register_model(f"moe_reskanet{_depth}", ResKANet, dims=(2,), task="classification",
+                   layers=_layers, block=_block, moe_experts=8, moe_top_k=2,
+                   description=f"ResNet-{_depth} layout of residual KAN blocks ({_block}) "
+                               "whose 3x3 convs are sparse mixtures of 8 experts (top 2)")

@@ -16,7 +16,7 @@ from kanseg.layers.attention import KANFocalModulation, KANSelfAttention
 from kanseg.layers.factories import conv_module
 
 from .blocks import ConvFactory, check_bottom_size, crop_to, pad_to_multiple
-from .registry import register_model
+from .registry import register_model, renamed_options
 from .resblocks import reference_res_stage
 
 MIXERS = ("conv", "self-att", "focal")
@@ -28,11 +28,12 @@ def _upsample(spatial_dims: int) -> nn.Upsample:
     return nn.Upsample(scale_factor=2, mode=mode, align_corners=True)
 
 
-def _conv_factory(family: str, spatial_dims: int, norm: str, affine: bool, bottleneck: bool,
-                  dim_reduction: float, groups: int, options: dict[str, Any]) -> ConvFactory:
-    """KAN convs of one network; ``bottleneck`` applies to every conv, 1x1 included."""
+def _conv_factory(family: str, spatial_dims: int, norm: str, affine: bool,
+                  bottleneck_convs: bool, dim_reduction: float, groups: int,
+                  options: dict[str, Any]) -> ConvFactory:
+    """KAN convs of one network; ``bottleneck_convs`` applies to every conv, 1x1 included."""
     return ConvFactory(family, spatial_dims, norm, groups=groups,
-                       options={"affine": affine, "bottleneck": bottleneck,
+                       options={"affine": affine, "bottleneck": bottleneck_convs,
                                 "dim_reduction": dim_reduction, **options})
 
 
@@ -44,6 +45,7 @@ def _check_input(model: nn.Module, x: Tensor, factor: int) -> None:
     check_bottom_size(name, x.shape[2:], factor, model.norm)
 
 
+@renamed_options(bottleneck="bottleneck_convs")
 class TCKUKANet(nn.Module):
     """torch-conv-kan's ``UKANet`` (basic blocks): a KAN stem, four encoder stages of its
     basic blocks (:mod:`.resblocks`; ``8 * width_scale * 2**i`` channels, stride 2 from the
@@ -52,9 +54,9 @@ class TCKUKANet(nn.Module):
     conv, a stage), then a 1x1 conv to ``out_channels``. Inputs are zero-padded to a multiple
     of 8 and the output cropped back. ``groups`` divides every 3x3 conv but the stem's.
     torch-conv-kan's bottleneck-block UKANets cannot run (their merge widths do not match),
-    so only basic blocks are offered; ``bottleneck`` makes every conv a bottleneck KAN conv
-    (torch-conv-kan's ``BottleneckKAGNBasicBlock``; ``dim_reduction`` for the stem and merges,
-    torch-conv-kan's choice in the blocks).
+    so only basic blocks are offered; ``bottleneck_convs`` makes every conv a bottleneck KAN
+    conv (torch-conv-kan's ``BottleneckKAGNBasicBlock``; ``dim_reduction`` for the stem and
+    merges, torch-conv-kan's choice in the blocks; ``bottleneck``: its deprecated name).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class TCKUKANet(nn.Module):
         stem_kernel_size: int = 3,
         norm: str = "instance",
         affine: bool = True,
-        bottleneck: bool = False,
+        bottleneck_convs: bool = False,
         dim_reduction: float = 4.0,
         **family_options,
     ):
@@ -78,9 +80,9 @@ class TCKUKANet(nn.Module):
             raise ValueError(f"layers must list 4 stage depths >= 1, got {tuple(layers)!r}")
         self.spatial_dims, self.norm = spatial_dims, norm
         w = [8 * width_scale * 2**i for i in range(4)]
-        conv = _conv_factory(family, spatial_dims, norm, affine, bottleneck, dim_reduction,
+        conv = _conv_factory(family, spatial_dims, norm, affine, bottleneck_convs, dim_reduction,
                              groups, family_options)
-        block_conv = ConvFactory(family, spatial_dims, norm, bottleneck, groups=groups,
+        block_conv = ConvFactory(family, spatial_dims, norm, bottleneck_convs, groups=groups,
                                  options={"affine": affine, **family_options})
 
         def _stage(in_ch: int, out_ch: int, blocks: int, stride: int) -> nn.Sequential:
@@ -115,6 +117,7 @@ class TCKUKANet(nn.Module):
         return crop_to(self.output(x), size)
 
 
+@renamed_options(bottleneck="bottleneck_convs")
 class TCKUKAGNet(nn.Module):
     """torch-conv-kan's ``UKAGNet``: ``depth`` encoder levels of ``layers`` 3x3 KAN convs
     (level ``i``: ``16 * width_scale * 2**i`` channels, stride 2 from level 1; the very first
@@ -123,8 +126,9 @@ class TCKUKAGNet(nn.Module):
     :class:`KANSelfAttention`, 3x3 q/k/v, ``inner_projection`` channels; ``"focal"``:
     :class:`KANFocalModulation`; ``"conv"``: none), then ``layers`` 3x3 KAN convs; a 1x1 conv
     to ``out_channels``. Inputs are zero-padded to a multiple of ``2**(depth-1)`` and the
-    output cropped back. ``bottleneck`` makes the convs (and the mixers' KAN convs) bottleneck
-    KAN convs; ``post_norm`` puts the network's norm after the focal modulation.
+    output cropped back. ``bottleneck_convs`` makes the convs (and the mixers' KAN convs)
+    bottleneck KAN convs (``bottleneck``: its deprecated name); ``post_norm`` puts the
+    network's norm after the focal modulation.
     """
 
     def __init__(
@@ -137,7 +141,7 @@ class TCKUKAGNet(nn.Module):
         layers: int = 2,
         width_scale: int = 1,
         groups: int = 1,
-        bottleneck: bool = True,
+        bottleneck_convs: bool = True,
         mixer: str = "conv",
         norm: str = "batch",
         affine: bool = True,
@@ -159,10 +163,10 @@ class TCKUKAGNet(nn.Module):
             raise ValueError(f"depth must be >= 2 and layers >= 1, got {depth!r}, {layers!r}")
         self.spatial_dims, self.norm, self.depth = spatial_dims, norm, depth
         widths = [16 * width_scale * 2**i for i in range(depth)]
-        conv = _conv_factory(family, spatial_dims, norm, affine, bottleneck, dim_reduction,
+        conv = _conv_factory(family, spatial_dims, norm, affine, bottleneck_convs, dim_reduction,
                              groups, family_options)
         shared = dict(spatial_dims=spatial_dims, family=family, norm=norm, affine=affine,
-                      bottleneck=bottleneck, dim_reduction=dim_reduction, dropout=dropout,
+                      bottleneck=bottleneck_convs, dim_reduction=dim_reduction, dropout=dropout,
                       **family_options)
 
         def level(in_ch: int, out_ch: int, stride: int, first_dropout: float) -> list[nn.Module]:

@@ -1,4 +1,5 @@
-"""Import and export torch-conv-kan VGG-KAGN checkpoints (``config.json`` + ``model.safetensors``).
+"""Import and export torch-conv-kan VGG-KAGN checkpoints (``config.json`` + ``model.safetensors``),
+and import its ResKANet / MoEResKANet state dicts.
 
 torch-conv-kan keeps one module per group (``base_conv.{g}``, ``layer_norm.{g}``,
 ``inner_proj.{g}``, ``out_proj.{g}``) and stacks the Gram basis degree-major inside a group
@@ -11,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ from kanseg.layers.moe import MoEKANConv
 from kanseg.files import atomic_write
 
 from .io import load_state
-from .registry import create_model
+from .registry import create_model, get_model_spec, list_models
+from .reskanet import EXPANSION, ResKANet
 from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN
 
 #: config keys of torch-conv-kan's VGGKAGN / VGGKAGN_BN constructors
@@ -131,13 +134,15 @@ def _is_moe(layer: nn.Module) -> bool:
     return isinstance(layer, MoEKANConv) or isinstance(getattr(layer, "core", None), MoEKANConv)
 
 
-def _kan_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The KAN convs of ``model.features`` by state-dict prefix (``features.<i>``, or
-    ``features.<i>.proj_q`` inside a self-attention layer), not those inside another."""
+def _kan_layers(model: nn.Module,
+               under: str | tuple[str, ...] = "features.") -> dict[str, nn.Module]:
+    """The KAN convs of ``model`` whose names start with ``under`` by state-dict prefix
+    (``features.<i>``, or ``features.<i>.proj_q`` inside a self-attention layer), not those
+    inside another."""
     layers: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
         if (isinstance(m, (KANConv, KANBottleneckConv, MoEKANConv))
-                and name.startswith("features.") and _owner(name + ".", layers) is None):
+                and name.startswith(under) and _owner(name + ".", layers) is None):
             layers[name] = m
     return layers
 
@@ -145,14 +150,16 @@ def _kan_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _owner(key: str, layers: dict) -> str | None:
     """The name in ``layers`` that the state-dict ``key`` lies under (None: none)."""
     parts = key.split(".")
-    return next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 1, -1))
+    return next((p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
                  if p in layers), None)
 
 
-def convert_state_dict(state_dict: dict[str, Tensor], model: VGGKAN) -> dict[str, Tensor]:
-    """torch-conv-kan VGG state dict -> ``model``'s state dict. Strict: raises
+def convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module,
+                       under: str | tuple[str, ...] = "features.") -> dict[str, Tensor]:
+    """torch-conv-kan state dict (VGG, or with our layer names) -> ``model``'s state dict; the
+    KAN convs under ``under`` are mapped layer by layer. Strict: raises
     :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
-    layers = _kan_layers(model)
+    layers = _kan_layers(model, under)
     by_layer: dict[str, dict[str, Tensor]] = {name: {} for name in layers}
     other: dict[str, Tensor] = {}
     for key, value in state_dict.items():
@@ -275,14 +282,15 @@ def _resolve(path_or_repo_id: str | os.PathLike) -> tuple[dict[str, Any] | None,
 
 
 def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
-                        config: dict[str, Any] | None = None) -> VGGKAN:
-    """Build our VGG-KAN from a torch-conv-kan VGG-KAGN checkpoint and load its weights.
+                        config: dict[str, Any] | None = None) -> VGGKAN | ResKANet:
+    """Build our VGG-KAN or ResKANet from a torch-conv-kan checkpoint and load its weights.
 
     ``path_or_repo_id``: a folder with ``config.json`` + ``model.safetensors``, a bare state-dict
     file (``.safetensors``, or ``.pt``/``.pth`` loaded with ``weights_only=True``; its config is
     the ``config.json`` beside it or ``config``), or a HuggingFace hub repo id such as
-    ``brivangl/vgg_kagn11_v2``. The layout is read off the keys (:func:`vgg_from_state_dict`).
-    Returns the model in eval mode.
+    ``brivangl/vgg_kagn11_v2``. The layout is read off the keys: ``layer1.*`` keys make a
+    ResKANet / MoEResKANet (:func:`reskanet_from_state_dict`), anything else a VGG
+    (:func:`vgg_from_state_dict`). Returns the model in eval mode.
     """
     found_config, weights = _resolve(path_or_repo_id)
     config = config if config is not None else found_config
@@ -290,8 +298,10 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
         raise CheckpointError(f"{weights}: no config.json beside it; pass config=... "
                               f"(torch-conv-kan constructor keyword arguments)")
     state_dict = _read_state_dict(weights)
+    is_reskanet = any(k.startswith("layer1.") for k in state_dict)
+    from_state_dict = reskanet_from_state_dict if is_reskanet else vgg_from_state_dict
     try:
-        return vgg_from_state_dict(state_dict, config).eval()
+        return from_state_dict(state_dict, config).eval()
     except CheckpointError as err:
         raise CheckpointError(f"{weights}: {err}") from None
 
@@ -306,6 +316,101 @@ def vgg_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -
     moe = any(k.endswith(".w_gate") for k in state_dict)
     model = model_from_config(config, batch_norm, bottleneck, moe)
     model.load_state_dict(convert_state_dict(state_dict, model), strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- ResKANet
+#: keyword arguments of torch-conv-kan's ResKANet / MoEResKANet that a ResKANet config may give
+_RESKANET_KEYS = {"input_channels", "num_classes", "layers", "groups", "width_per_group",
+                  "width_scale", "degree", "affine", "dropout", "dropout_linear", "l1_decay",
+                  "use_first_maxpool", "fcnv_kernel_size", "fcnv_stride", "fcnv_padding",
+                  "hidden_layer_dim", "replace_stride_with_dilation", "num_experts",
+                  "noisy_gating", "k"}
+#: MoEResKANet's loss averages its 4 stages' summed MoE losses (coefficient 1e-2 each)
+MOE_RESKANET_LOSS_COEF = 1e-2 / 4
+_RESKANET_CONV = re.compile(r"layer([1-4])\.(\d+)\.(conv[1-3]|downsample)\.(?:module\.)?(.*)")
+
+
+def _reskanet_key(key: str) -> str:
+    """A torch-conv-kan ResKANet state-dict key -> ours (``style="torch_conv_kan"``); L1
+    wrappers (``.module.``) are dropped."""
+    match = _RESKANET_CONV.fullmatch(key)
+    if match:
+        stage, block, conv, rest = match.groups()
+        where = "shortcut" if conv == "downsample" else f"body.{int(conv[-1]) - 1}"
+        return f"stages.{int(stage) - 1}.{block}.{where}.{rest}"
+    return re.sub(r"^fc\.", "head.1.", re.sub(r"^conv1\.(?:module\.)?", "stem.", key))
+
+
+def reskanet_model(layers: tuple[int, ...], block: str, **options: Any) -> ResKANet:
+    """Our ResKANet with ``style="torch_conv_kan"``, under the registered name of its layout
+    (``moe_reskanet*`` with ``moe_experts``, whose loss coefficient defaults to
+    :data:`MOE_RESKANET_LOSS_COEF`, so that the summed auxiliary losses are MoEResKANet's)."""
+    moe = bool(options.get("moe_experts"))
+    prefix = "moe_reskanet" if moe else "reskanet"
+    name = next((n for n in list_models() if n.startswith(prefix)
+                 and get_model_spec(n).defaults.get("layers") == layers
+                 and get_model_spec(n).defaults.get("block") == block), f"{prefix}18")
+    if moe:
+        options.setdefault("moe_loss_coef", MOE_RESKANET_LOSS_COEF)
+    return create_model(name, layers=layers, block=block, style="torch_conv_kan", **options)
+
+
+def reskanet_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -> ResKANet:
+    """Our ResKANet for a state dict of torch-conv-kan's ``ResKANet`` / ``MoEResKANet`` of KAGN
+    (plain or bottleneck) or KALN convs, with its weights (strict: :class:`CheckpointError`).
+    Layout, family, degree, norm, widths, groups and experts are read off the keys and shapes;
+    ``config`` (their constructor's keyword arguments) gives what these do not record:
+    ``fcnv_stride`` and ``use_first_maxpool`` (required), ``k`` and ``noisy_gating`` (MoE;
+    default 2 and true), ``dropout`` and ``dropout_linear``."""
+    unknown = sorted(set(config) - _RESKANET_KEYS)
+    if unknown:
+        raise CheckpointError(f"config has keys {unknown} that torch-conv-kan's ResKANet does "
+                              f"not take; expected a subset of {sorted(_RESKANET_KEYS)}")
+    missing = [key for key in ("fcnv_stride", "use_first_maxpool") if key not in config]
+    if missing:
+        raise CheckpointError(f"config must give {missing}: a ResKANet state dict does not "
+                              "record its stem stride and max-pool")
+    if (config.get("hidden_layer_dim") is not None or config.get("width_per_group", 64) != 64
+            or any(config.get("replace_stride_with_dilation") or ())):
+        raise CheckpointError("ResKANets with a hidden layer, width_per_group != 64 or dilation "
+                              "do not load")
+    if any(k.endswith("experts.w_gate") for k in state_dict):
+        raise CheckpointError("MoE bottleneck-KAGN ResKANets (reskagnetbn_moe_*) do not load: "
+                              "their blocks mix KAGN and KALN convs and norms")
+    state = {_reskanet_key(k): v for k, v in state_dict.items()}
+    base, poly = state.get("stem.base_conv.0.weight"), state.get("stem.poly_weights")
+    if base is None or poly is None or "head.1.weight" not in state:
+        raise CheckpointError("not a ResKANet of KAGN or KALN convs (no conv1.base_conv.0, "
+                              "conv1.poly_weights or fc)")
+    kernel = base.shape[-1]
+    if config.get("fcnv_padding", kernel // 2) != kernel // 2:
+        raise CheckpointError(f"only 'same' stem padding {kernel // 2} loads, got "
+                              f"fcnv_padding={config['fcnv_padding']}")
+    beta = state.get("stem.beta_weights")
+    kind = "bottleneck" if any(k.startswith("stages.0.0.body.2.") for k in state) else "basic"
+    grouped = f"stages.0.0.body.{int(kind == 'bottleneck')}."  # the block's 3x3 conv
+    group_key = re.compile(re.escape(grouped) + r"(?:experts\.0\.)?base_conv\.\d+\.weight")
+    num_classes, features = state["head.1.weight"].shape
+    options: dict[str, Any] = dict(
+        in_channels=base.shape[1], num_classes=num_classes,
+        width=features // (8 * EXPANSION[kind]), stem_width=base.shape[0],
+        stem_kernel_size=kernel, stem_stride=config["fcnv_stride"],
+        first_maxpool=config["use_first_maxpool"], family="kaln" if beta is None else "kagn",
+        degree=poly.shape[2] // base.shape[1] - 1 if beta is None else len(beta) - 1,
+        norm="batch" if "stem.layer_norm.0.running_mean" in state else "instance",
+        affine="stem.layer_norm.0.weight" in state,
+        bottleneck_convs="stem.inner_proj.0.weight" in state,
+        groups=sum(bool(group_key.fullmatch(k)) for k in state),
+        dropout=config.get("dropout", 0.0), dropout_linear=config.get("dropout_linear", 0.0))
+    gate = state.get(grouped + "w_gate")
+    if gate is not None:
+        options.update(moe_experts=gate.shape[1], moe_top_k=config.get("k", 2),
+                       moe_noisy_gating=config.get("noisy_gating", True))
+    layers = tuple(len({k.split(".")[2] for k in state if k.startswith(f"stages.{i}.")})
+                   for i in range(4))
+    model = reskanet_model(layers, kind, **options)
+    model.load_state_dict(convert_state_dict(state, model, under=("stem", "stages.")))
     return model
 
 
@@ -374,5 +479,6 @@ def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
 __all__ = [
     "CheckpointError", "channel_major_to_degree_major", "convert_state_dict",
     "degree_major_to_channel_major", "load_torch_conv_kan", "model_from_config",
-    "save_torch_conv_kan", "to_torch_conv_kan_config", "vgg_from_state_dict",
+    "MOE_RESKANET_LOSS_COEF", "reskanet_from_state_dict", "reskanet_model", "save_torch_conv_kan",
+    "to_torch_conv_kan_config", "vgg_from_state_dict",
 ]

@@ -84,6 +84,7 @@ class UKANet(nn.Module):
         self.spatial_dims = spatial_dims
         self.depth = depth
         self.stem_stride = stem_stride
+        self.refine = refine_channels > 0
         self.norm = norm
         self.deep_supervision = deep_supervision
         self.supervision_levels = supervision_levels if deep_supervision else 1
@@ -138,9 +139,8 @@ class UKANet(nn.Module):
             h = self.decoder[level](torch.cat([h, skips[level]], dim=1))
             decoded.append(h)
         decoded.reverse()  # decoded[level] has resolution 1 / (stem_stride * 2**level)
-        head = self.heads[0]
-        logits = crop_to(head(decoded[0], x) if isinstance(head, FullResRefine)
-                         else head(decoded[0]), size)
+        head = self.heads[0]  # a FullResRefine also reads the image (its type may be wrapped)
+        logits = crop_to(head(decoded[0], x) if self.refine else head(decoded[0]), size)
         if not (self.training and self.deep_supervision):
             return logits
         outputs = [logits]
