@@ -8,6 +8,7 @@ from torch import nn
 
 from kanseg.layers import KANBottleneckConv, KANConv, KANLinear
 from kanseg.models import VGGKAN, convert_torch_conv_kan
+from kanseg.models.u2kanet import U2KANet
 from kanseg.layers.attention import KANSelfAttention
 from conftest import import_reference, import_reference_models
 
@@ -60,7 +61,8 @@ def test_conv_layers_convert_with_equal_outputs(tck, family, dims, norm_index):
 
 @pytest.mark.parametrize("cls_name, args", [("GRAMLayer", (6, 4)), ("KALNLayer", (6, 4)),
                                              ("ChebyKANLayer", (6, 4, 3)),
-                                             ("JacobiKANLayer", (6, 4, 3)), ("KANLayer", (6, 4))])
+                                             ("JacobiKANLayer", (6, 4, 3)), ("KANLayer", (6, 4)),
+                                             ("ReLUKANLayer", (6, 2, 2, 4))])
 def test_linear_layers_convert_with_equal_outputs(tck, cls_name, args):
     torch.manual_seed(0)
     ref = getattr(tck[1], cls_name)(*args)
@@ -127,7 +129,7 @@ def test_unequal_group_slopes_are_refused(tck):
         convert_torch_conv_kan(ref)
 
 
-@pytest.mark.parametrize("cls_name", ["KAGN", "KALN", "KACN", "KAJN", "KAN"])
+@pytest.mark.parametrize("cls_name", ["KAGN", "KALN", "KACN", "KAJN", "KAN", "ReLUKAN"])
 def test_kan_networks_convert(tck, cls_name):
     """torch-conv-kan's KAN MLPs (dropout between layers, L1 wrappers) layer by layer."""
     torch.manual_seed(0)
@@ -187,3 +189,73 @@ def test_vggs_of_other_convs_and_kan_heads_are_refused(tck_vggkan):
     ref = tck_vggkan.VGGKAGN(3, 5, degree=1, expected_feature_shape=(1, 1), head_type="KAN")
     with pytest.raises(ValueError, match=r"VGGKAGN: head KAN does not convert .*GELU"):
         convert_torch_conv_kan(ref)
+
+
+# ----------------------------------------------------------------------------- U2KANets
+@pytest.fixture(scope="module")
+def tck_u2kanet():
+    """torch-conv-kan's ``models.u2kanet``."""
+    return import_reference_models("u2kanet")[0]
+
+
+U2KANET_CASES = {  # builder, options (beyond 3 inputs, 2 classes, width_scale 1)
+    "kagn-small-groups": ("u2kagnet_small", dict(degree=2, groups=2)),
+    "kaln-small-batch": ("u2kalnet_small", dict(degree=2, norm_layer=nn.BatchNorm2d)),
+    "kacn-small-l1": ("u2kacnet_small", dict(degree=2, l1_decay=0.01)),
+    "kagn-bottleneck-full": ("u2kagnet_bn", dict(degree=1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(U2KANET_CASES))
+def test_u2kanets_convert_with_equal_outputs(tck_u2kanet, case):
+    """torch-conv-kan's U2KANet / U2KANetSmall -> our u2kanet / u2kanet_small: in eval mode
+    ours returns the fused logits, its first output."""
+    builder, options = U2KANET_CASES[case]
+    torch.manual_seed(0)
+    ref = getattr(tck_u2kanet, builder)(3, 2, **options)
+    _randomise(ref)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref)
+    assert isinstance(ours, U2KANet) and not ours.training
+    x = torch.randn(1, 3, 64, 64)  # 2x2 at the bottom of every RSU block
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_u2kanet_training_outputs_are_its_side_outputs(tck_u2kanet):
+    """In training both return the fused logits and the six side logits (deep supervision)."""
+    torch.manual_seed(0)
+    ref = tck_u2kanet.u2kagnet_small(3, 2, degree=1)
+    _randomise(ref)
+    ours = convert_torch_conv_kan(ref)
+    assert ours.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outputs, expected = ours(x), ref(x)
+    assert len(outputs) == len(expected) == 7
+    for output, reference in zip(outputs, expected):
+        torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_u2kanets_ours_cannot_express_are_refused(tck_u2kanet):
+    with pytest.raises(ValueError, match="U2KANetSmall: only 3x3 first convs convert"):
+        convert_torch_conv_kan(tck_u2kanet.u2kagnet_bn_small(3, 2, degree=1))
+    with pytest.raises(ValueError, match="U2KANetSmall: FastKANConv2DLayer: networks convert "
+                                         "when built from polynomial KAN convs"):
+        convert_torch_conv_kan(tck_u2kanet.fast_u2kanet_small(3, 2))
+    with pytest.raises(ValueError, match="U2KANetSmall: groups=2 divides its 4 input channels"):
+        convert_torch_conv_kan(tck_u2kanet.u2kagnet_small(4, 2, degree=1, groups=2))
+
+
+def test_hub_wrappers_convert_their_network():
+    """``AutoKAN`` (a huggingface-hub wrapper, not a module) converts its ``model``."""
+    (automodel,) = import_reference_models("automodel")
+    torch.manual_seed(0)
+    wrapper = automodel.AutoKAN(model_name="u2kagnet", input_channels=3, num_classes=2, degree=1)
+    _randomise(wrapper.model)
+    wrapper.eval()
+    ours = convert_torch_conv_kan(wrapper)
+    assert isinstance(ours, U2KANet) and not ours.training
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), wrapper(x)[0], rtol=1e-4, atol=1e-4)

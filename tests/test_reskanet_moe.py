@@ -12,7 +12,10 @@ from torch.testing import assert_close
 
 from kanseg.layers.auxiliary import collect_auxiliary_losses
 from kanseg.layers.moe import MoEKANConv
-from kanseg.models import ResKANet, convert_torch_conv_kan, create_model, load_torch_conv_kan
+from kanseg.models import (
+    ResKANet, convert_torch_conv_kan, create_model, get_model_spec, load_torch_conv_kan,
+)
+from kanseg.models.reskanet import RESNET_LAYOUTS, reskanet_name
 from kanseg.models.torch_conv_kan import CheckpointError
 from conftest import import_reference_models
 from test_moe import _randomise
@@ -51,6 +54,19 @@ def test_stem_options_set_the_stem_and_feature_strides():
     assert model.feature_strides == [1, 1, 2, 4, 8]
     assert [32 // f.shape[-1] for f in features] == model.feature_strides
     assert [f.shape[1] for f in features] == model.feature_channels == [6, 4, 8, 16, 32]
+
+
+def test_reskanet_names_come_from_the_layouts_table():
+    """Each layout of ``RESNET_LAYOUTS`` is registered under ``reskanet_name``'s name (plain
+    and MoE); any other layout is named ``reskanet18``."""
+    for depth, (layers, block) in RESNET_LAYOUTS.items():
+        for moe in (False, True):
+            name = reskanet_name(layers, block, moe)
+            assert name == f"{'moe_' if moe else ''}reskanet{depth}"
+            defaults = get_model_spec(name).defaults
+            assert (defaults["layers"], defaults["block"]) == (layers, block)
+            assert ("moe_experts" in defaults) == moe
+    assert reskanet_name((1, 1, 1, 1), "basic", moe=True) == "moe_reskanet18"
 
 
 # ----------------------------------------------------------------------------- parity

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .basis import basis_class
@@ -30,10 +31,11 @@ class KANLinear(nn.Module):
     ``norm`` defaults to ``"layer"`` (torch-conv-kan's LayerNorm) for families whose conv
     default is instance norm; ``options`` are the family and layer options of
     :func:`kanseg.layers.create_kan_conv` (``degree``, ``base_activation``, ``dropout``...).
+    ``bias=True`` adds a learnt bias to the output (torch-conv-kan's ``ReLUKANLayer`` has one).
     """
 
     def __init__(self, family: str, in_features: int, out_features: int,
-                 norm: str | None = None, **options):
+                 norm: str | None = None, bias: bool = False, **options):
         super().__init__()
         if family == "fastkan":
             raise ValueError("KANLinear: the fastkan basis normalises each channel over spatial "
@@ -41,13 +43,15 @@ class KANLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.layer: KANConv = create_kan_conv(family, 1, in_features, out_features, 1,
                                               norm=_linear_norm(family, norm), **options)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"KANLinear expected input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        return self.layer(x.reshape(-1, self.in_features, 1)).view(*lead, self.out_features)
+        y = self.layer(x.reshape(-1, self.in_features, 1)).view(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 class KANMLP(nn.Sequential):

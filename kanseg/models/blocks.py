@@ -173,12 +173,12 @@ class FullResRefine(nn.Module):
         return self.head(self.block(torch.cat([self.up(features), image], dim=1)))
 
 
-def resize_to(x: Tensor, like: Tensor) -> Tensor:
+def resize_to(x: Tensor, like: Tensor, align_corners: bool = False) -> Tensor:
     """Linearly interpolate ``x`` to the spatial size of ``like`` (no-op when equal)."""
     if x.shape[2:] == like.shape[2:]:
         return x
     mode = _INTERP[x.dim() - 2]
-    return F.interpolate(x, size=like.shape[2:], mode=mode, align_corners=False)
+    return F.interpolate(x, size=like.shape[2:], mode=mode, align_corners=align_corners)
 
 
 class RSUBlock(nn.Module):
@@ -187,14 +187,17 @@ class RSUBlock(nn.Module):
     An input conv, then a small U-Net of ``height`` levels (max-pooling between levels, a
     dilated bottom conv), decoded with skip concatenation and added to the input conv's output.
     ``dilated=True`` gives the ``RSU-4F`` form: no pooling, dilations 1, 2, 4, ... instead.
+    ``align_corners=True`` upsamples in the decoder with aligned corners (torch-conv-kan's
+    ``nn.UpsamplingBilinear2d``).
     """
 
     def __init__(self, conv: AnyConvFactory, in_channels: int, mid_channels: int,
-                 out_channels: int, height: int, dilated: bool = False):
+                 out_channels: int, height: int, dilated: bool = False,
+                 align_corners: bool = False):
         super().__init__()
         if height < 2:
             raise ValueError(f"RSU height must be >= 2, got {height!r}")
-        self.dilated = dilated
+        self.dilated, self.align_corners = dilated, align_corners
         dil = [2**i if dilated else 1 for i in range(height - 1)]
         self.conv_in = conv(in_channels, out_channels, 3)
         self.encoder = nn.ModuleList(
@@ -219,7 +222,7 @@ class RSUBlock(nn.Module):
             skips.append(h)
         h = self.bottom(h)
         for layer, skip in zip(self.decoder, reversed(skips)):
-            h = layer(torch.cat([resize_to(h, skip), skip], dim=1))
+            h = layer(torch.cat([resize_to(h, skip, self.align_corners), skip], dim=1))
         return h + x_in
 
 

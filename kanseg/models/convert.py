@@ -4,19 +4,40 @@ with the same weights (eval-mode outputs match; see ``tests/test_models_convert.
 Covered: the KAN convolutions of ``kan_convs/`` for KAGN (plain and bottleneck), KALN, KAJN,
 KACN (1D/2D/3D, groups, instance or batch norm, affine or not), FastKAN (its default input
 norm), KAN B-splines (equal per-group PReLUs) and ReLU-KAN; the ``kans/`` linear layers
-GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer and KANLayer, and the networks built from
-them (KAGN, KALN, KACN, KAJN, KAN). Anything else is refused with the list of what is
+GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer, KANLayer and ReLUKANLayer (no base
+branch: ours is zeroed; its bias is :class:`KANLinear`'s), and the networks built from them
+(KAGN, KALN, KACN, KAJN, KAN, ReLUKAN). Anything else is refused with the list of what is
 covered. WavKAN convs, WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
-Deliberate exception: KABN (torch-conv-kan's basis is all ones; ours is the Bernstein basis
-it intends). Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet and KAGNRDNet: see
-:mod:`kanseg.models.convert_models`. MoE convs: see :mod:`kanseg.models.convert_moe`.
-Attention and focal-modulation layers, KAGN V2 and bottleneck ReLU-KAN convs, UKANet and
-UKAGNet: see :mod:`kanseg.models.convert_attention`.
+Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet, KAGNRDNet, U2KANet and
+U2KANetSmall: see :mod:`kanseg.models.convert_models`. MoE convs: see
+:mod:`kanseg.models.convert_moe`. Attention and focal-modulation layers, KAGN V2 and bottleneck
+ReLU-KAN convs, UKANet and UKAGNet: see :mod:`kanseg.models.convert_attention`.
 VGGs of KAGN or KALN convs (VGGKAGN, VGGKAGN_BN, MoEVGGKAGN, MoE_VGGKAGN_BN, VGGKALN): see
 :func:`kanseg.models.convert_models.convert_vgg`, which maps their weights as
 ``load_torch_conv_kan`` maps their checkpoints; the other VGGs of torch-conv-kan are refused.
+The huggingface-hub wrappers AutoKAN and TinyAutoKAGN (not modules) convert their ``model``.
 torch-conv-kan keeps one module per group and stacks polynomials degree-major
 (``d * in_g + c``); ours keeps one tensor per weight, channel-major (``c * n_basis + d``).
+
+Documented exceptions (no conversion; ``tests/test_convert_coverage.py`` holds the same list):
+
+- KABN: KABNConvNDLayer (KABNConv1DLayer, KABNConv2DLayer, KABNConv3DLayer), BernsteinKANLayer
+  and KABN. torch-conv-kan's Bernstein basis is all ones; ours is the Bernstein basis it
+  intends.
+- FastKANLayer and the ``kans/`` network FastKAN: the layer normalises the RBF input across
+  features (LayerNorm) and has a biased base branch; our fastkan basis normalises each
+  channel over positions, so :class:`KANLinear` has no fastkan family.
+- BottleNeckGRAMLayer and BottleNeckKAGN: their inner and outer projections have biases, our
+  bottleneck's have none.
+- The MNIST / CIFAR baselines of ``models/baselines`` (SimpleConv, SimpleConvKAN,
+  SimpleFastConvKAN, SimpleConvKALN, SimpleConvKACN, SimpleConvKAGN, SimpleMoEConvKAGNBN,
+  SimpleConvWavKAN and their EightSimple* versions): no network here has their layout.
+- Parts of other layers and networks, not converted alone: RadialBasisFunction (FastKAN's
+  basis), SplineLinear (FastKANLayer's weight), WaveletConvND, WaveletConvNDFast and
+  WaveletConvNDFastPlusOne (WavKAN convs), KAGNExpert, KAGNMoE and SparseDispatcher (MoE
+  convs), the dense layers, blocks and transitions of ``models/densekanet.py``, the blocks of
+  ``models/reskanet.py`` and ``models/kan_rdnet.py``, and ResidualUNetBase /
+  ResidualUNetBaseF (U2KANet's RSU blocks).
 """
 from __future__ import annotations
 
@@ -167,8 +188,9 @@ class _LinearSpec:
     sizes: tuple[str, str]  # attributes holding in and out features
     coefficients: str  # basis weight: (in, out, n) unless ``layout`` says otherwise
     layout: str = "in_out_n"  # or "out_in_n", or "flat" (out, in * n), channel-major
-    base: str | None = None  # (out, in) base weight
+    base: str | None = None  # (out, in) base weight; None: no base branch (ours is zeroed)
     norm: str | None = None  # the output LayerNorm
+    bias: str | None = None  # the output bias
     options: Callable[[nn.Module], dict] = lambda module: {}
     extra_state: Callable[[nn.Module], dict] = lambda module: {}
 
@@ -211,27 +233,41 @@ _LINEAR_SPECS = {
                            "grid_range": tuple(m.grid_range),
                            "base_activation": _activation_name(m.base_activation, "KANLayer")},
         extra_state=lambda m: {"act.weight": m.prelu.weight}),
+    # its forward reshapes the (in, n) bumps to (n, in) without transposing them, so its conv
+    # weight (out, 1, n, in) flattens to the channel-major order
+    "ReLUKANLayer": _LinearSpec(
+        "relukan", ("input_size", "output_size"), "equal_size_conv.weight", layout="flat",
+        bias="equal_size_conv.bias",
+        options=lambda m: {"grid_size": m.g, "order": m.k, "norm": "none", "activation": None,
+                           "train_phases": m.phase_low.requires_grad},
+        extra_state=lambda m: {"basis.phase_low": m.phase_low,
+                               "basis.phase_high": m.phase_high}),
 }
 
 
 def _convert_linear(module: nn.Module, spec: _LinearSpec) -> KANLinear:
     in_features, out_features = (getattr(module, name) for name in spec.sizes)
-    ours = KANLinear(spec.family, in_features, out_features, **spec.options(module))
-    weight = getattr(module, spec.coefficients)
+    ours = KANLinear(spec.family, in_features, out_features, bias=spec.bias is not None,
+                     **spec.options(module))
+    weight = module.get_parameter(spec.coefficients)
     if spec.layout == "in_out_n":
         weight = weight.permute(1, 0, 2)
     state = {"basis_weight": weight.reshape(out_features, -1, 1), **spec.extra_state(module)}
     if spec.base is not None:
-        state["base_weight"] = getattr(module, spec.base).unsqueeze(-1)
+        state["base_weight"] = module.get_parameter(spec.base).unsqueeze(-1)
+    elif ours.layer.base_weight is not None:
+        state["base_weight"] = torch.zeros_like(ours.layer.base_weight)
     if spec.norm is not None:
         norm = getattr(module, spec.norm)
         state.update({"norm.weight": norm.weight, "norm.bias": norm.bias})
     ours.layer.load_state_dict(state)
+    if spec.bias is not None:
+        ours.bias.copy_(module.get_parameter(spec.bias))
     return ours
 
 
 def _convert_mlp(module: nn.Module) -> nn.Sequential:
-    """A ``kans/`` network (KAGN, KALN, KACN, KAJN, KAN): its layers converted one by one,
+    """A ``kans/`` network (KAGN, KALN, KACN, KAJN, KAN, ReLUKAN): its layers converted one by one,
     dropouts kept, L1 wrappers unwrapped (they only act on gradients)."""
     parts: list[nn.Module] = []
     for layer in module.layers:
@@ -242,28 +278,51 @@ def _convert_mlp(module: nn.Module) -> nn.Sequential:
     return nn.Sequential(*parts)
 
 
+def _convert_hub_wrapper(module: nn.Module) -> nn.Module:
+    """``AutoKAN`` / ``TinyAutoKAGN``: huggingface-hub wrappers (not modules) of the network in
+    their ``model``."""
+    return convert_torch_conv_kan(module.model)
+
+
 _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     **{cls: (lambda m, f=family: _convert_polynomial(m, f)) for cls, family in _CONV_FAMILIES.items()},
     "FastKANConvNDLayer": _convert_fastkan,
     "KANConvNDLayer": _convert_bspline,
     "ReLUConvNDLayer": _convert_relukan,
     **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
-    **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN")},
+    **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN", "ReLUKAN")},
     "WavKANConvNDLayer": convert_wavkan_conv, "WavKANLayer": convert_wavkan_linear,
     "WavKAN": _convert_mlp,
     **NETWORK_CONVERTERS,
     **MOE_CONVERTERS,
     **ATTENTION_CONVERTERS,
+    "AutoKAN": _convert_hub_wrapper, "TinyAutoKAGN": _convert_hub_wrapper,
 }
+
+
+_KABN = ("torch-conv-kan's Bernstein basis is all ones; ours is the Bernstein basis it "
+         "intends")
+_FASTKAN = ("FastKANLayer normalises the RBF input across features and has a biased base "
+            "branch; our fastkan basis normalises each channel over positions (no KANLinear)")
+_BOTTLENECK_GRAM = ("BottleNeckGRAMLayer's inner and outer projections have biases, our "
+                    "bottleneck's have none")
+#: torch-conv-kan classes refused, with the reason (the module docstring's exceptions)
+_REFUSED = {"KABNConvNDLayer": _KABN, "BernsteinKANLayer": _KABN, "KABN": _KABN,
+            "FastKANLayer": _FASTKAN, "FastKAN": _FASTKAN,
+            "BottleNeckGRAMLayer": _BOTTLENECK_GRAM, "BottleNeckKAGN": _BOTTLENECK_GRAM}
 
 
 def convert_torch_conv_kan(module: nn.Module) -> nn.Module:
     """This project's equivalent of a torch-conv-kan layer, with the same weights and the same
-    train/eval mode. ValueError naming the class and the covered classes otherwise."""
+    train/eval mode. ValueError naming the class and the reason (documented exceptions) or the
+    covered classes otherwise."""
     for cls in type(module).__mro__:
         if cls.__name__ in _CONVERTERS:
             with torch.no_grad():
                 converted = _CONVERTERS[cls.__name__](module)
-            return converted.train(module.training)
+            # hub wrappers have no mode of their own: their network's, converted already
+            return converted.train(getattr(module, "training", converted.training))
+        if cls.__name__ in _REFUSED:
+            raise ValueError(f"{type(module).__name__}: no conversion: {_REFUSED[cls.__name__]}")
     raise ValueError(f"{type(module).__name__}: no conversion; covered torch-conv-kan classes: "
                      f"{', '.join(sorted(_CONVERTERS))} (and their 1D/2D/3D subclasses)")

@@ -1,6 +1,6 @@
 """torch-conv-kan networks -> ours, for :func:`~.convert.convert_torch_conv_kan`: DenseKANet and
-TinyDenseKANet, ResKANet and MoEResKANet, KAGNRDNet, the VGGs of ``models/vggkan.py`` built of
-KAGN or KALN convs, and the MatryoshkaHead of its heads.
+TinyDenseKANet, ResKANet and MoEResKANet, KAGNRDNet, U2KANet and U2KANetSmall, the VGGs of
+``models/vggkan.py`` built of KAGN or KALN convs, and the MatryoshkaHead of its heads.
 
 Our network is built (``create_model``) from the options read off the reference instance;
 then each of its layers is loaded strictly with the weights of the matching reference layer,
@@ -8,8 +8,8 @@ converted by ``convert_torch_conv_kan`` (so a layer whose shapes differ is an er
 partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottleneck, KALN,
 KACN, KAJN). Not covered: MoE networks (the MoE VGGs and MoEResKANets of MoE KALN convs
 aside; not the ``reskagnetbn_moe_*``, whose blocks mix KAGN and KALN convs), RDNet's
-``post_block_attention``, and torch-conv-kan's RDNet stem when it differs from the body (its
-stem is always a degree-3 bottleneck KAGN conv).
+``post_block_attention``, torch-conv-kan's RDNet stem when it differs from the body (its
+stem is always a degree-3 bottleneck KAGN conv), and ``u2kagnet_bn_small`` (a 1x1 first conv).
 
 VGGs go the way of their checkpoints (:mod:`.torch_conv_kan`): the constructor arguments are
 read off the instance, :func:`~.torch_conv_kan.model_from_config` builds our VGG-KAN and
@@ -32,6 +32,7 @@ from .registry import create_model
 from .reskanet import EXPANSION
 from .torch_conv_kan import (convert_state_dict, layer_state_to_ours, model_from_config,
                              reskanet_model)
+from .u2kanet import U2KANet
 from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN, vgg_layout
 
 
@@ -423,6 +424,61 @@ def convert_vgg(reference: nn.Module) -> VGGKAN:
     return ours
 
 
+# ----------------------------------------------------------------------------- U2KANet
+def _rsu_convs(block: nn.Module) -> list[nn.Module]:
+    """An RSU block's KAN convs in forward order: torch-conv-kan's ``ResidualUNetBase(F)`` or
+    our :class:`~.blocks.RSUBlock` (whose bottom conv is the reference's last encoder conv)."""
+    if hasattr(block, "input_conv"):
+        return [block.input_conv, *block.encoder_list, *block.decoder_list]
+    return [block.conv_in, *block.encoder, block.bottom, *block.decoder]
+
+
+def _u2_dim_reduction(reference: nn.Module) -> float:
+    """A ``dim_reduction`` giving the widest bottleneck conv its inner width (torch-conv-kan
+    builds them all with one; a conv it does not fit fails to load)."""
+    widest = max((m for m in reference.modules() if hasattr(m, "inner_dim")),
+                 key=lambda m: max(m.inputdim, m.outdim) // m.groups)
+    return max(widest.inputdim, widest.outdim) // widest.groups / (widest.inner_dim + 0.5)
+
+
+def convert_u2kanet(reference: nn.Module, variant: str) -> U2KANet:
+    """torch-conv-kan's ``U2KANet`` (``variant="full"``) / ``U2KANetSmall`` (``"small"``) -> our
+    :class:`~.u2kanet.U2KANet` of that variant, ``width_scale`` its ``width_factor / 4``, with
+    ``align_corners=True`` (its RSU blocks upsample so) and ``deep_supervision=True`` (in
+    training it returns the fused and the six side logits; in eval mode ours returns the fused
+    logits, its first output). Polynomial KAN convs only (not its B-spline, FastKAN or plain
+    ``u2net`` ones); not ``u2kagnet_bn_small``, whose first conv is 1x1."""
+    name = type(reference).__name__
+    first, body = _unwrap(reference.stage1.input_conv), _unwrap(reference.stage2.input_conv)
+    try:
+        options = _conv_options(body)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    if first.kernel_size != 3:
+        raise ValueError(f"{name}: only 3x3 first convs convert (ours is 3x3), got "
+                         f"{first.kernel_size}x{first.kernel_size}")
+    if body.groups > 1 and first.inputdim % body.groups == 0:
+        raise ValueError(f"{name}: groups={body.groups} divides its {first.inputdim} input "
+                         "channels, so ours would group the first conv, which it leaves "
+                         "ungrouped")
+    if options["bottleneck_convs"]:
+        options["dim_reduction"] = _u2_dim_reduction(reference)
+    ours = create_model(
+        "u2kanet" if variant == "full" else "u2kanet_small", spatial_dims=2,
+        in_channels=first.inputdim, out_channels=reference.outconv.out_channels,
+        width_scale=first.outdim / 64, groups=body.groups, dropout=core._dropout(body),
+        align_corners=True, deep_supervision=True, **options)
+    ref_stages = [getattr(reference, f"stage{i}") for i in range(1, 7)]
+    ref_stages += [getattr(reference, f"stage{i}d") for i in range(1, 6)]
+    for block, ref_block in zip([*ours.encoder, *ours.decoder], ref_stages):
+        for conv, ref_conv in zip(_rsu_convs(block), _rsu_convs(ref_block)):
+            _load(conv, ref_conv)
+    for i, side in enumerate(ours.sides):
+        _load(side, getattr(reference, f"side{i + 1}"))
+    _load(ours.fuse, reference.outconv)
+    return ours
+
+
 # ----------------------------------------------------------------------------- heads
 def convert_matryoshka(reference: nn.Module) -> MatryoshkaLinear:
     """torch-conv-kan's ``MatryoshkaHead`` -> :class:`MatryoshkaLinear`."""
@@ -438,7 +494,9 @@ def convert_matryoshka(reference: nn.Module) -> MatryoshkaLinear:
 NETWORK_CONVERTERS = {"DenseKANet": convert_densekanet, "TinyDenseKANet": convert_densekanet,
                       "ResKANet": convert_reskanet, "MoEResKANet": convert_reskanet,
                       "KAGNRDNet": convert_rdnet,
-                      "VGG": convert_vgg, "MatryoshkaHead": convert_matryoshka}
+                      "VGG": convert_vgg, "MatryoshkaHead": convert_matryoshka,
+                      "U2KANet": lambda m: convert_u2kanet(m, "full"),
+                      "U2KANetSmall": lambda m: convert_u2kanet(m, "small")}
 
 __all__ = ["NETWORK_CONVERTERS", "convert_densekanet", "convert_matryoshka", "convert_rdnet",
-           "convert_reskanet", "convert_vgg"]
+           "convert_reskanet", "convert_u2kanet", "convert_vgg"]

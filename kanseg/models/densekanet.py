@@ -14,7 +14,7 @@ from kanseg.layers.errors import OptionError
 from kanseg.layers.factories import conv_module
 
 from .blocks import ConvFactory, check_bottom_size
-from .heads import HeadMixin, create_head
+from .heads import HeadMixin
 from .registry import register_model, renamed_options
 
 #: growth rate and dense layers per block of each DenseNet depth, and of the tiny variant
@@ -144,10 +144,8 @@ class DenseKANet(HeadMixin, nn.Module):
         self.feature_channels.append(channels)
         self.feature_strides.append(stride)
         self.num_features = channels
-        self.head_options = dict(head_type=head_type, in_features=channels,
-                                 dropout_linear=dropout_linear, family=family,
-                                 **family_options)
-        self.classifier = create_head(num_classes=num_classes, **self.head_options)
+        self.build_head(num_classes, head_type, channels, dropout_linear, family,
+                        **family_options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """The map before each downsampling after the stem, and the last map."""

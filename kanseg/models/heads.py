@@ -1,4 +1,4 @@
-"""Classification heads shared by the backbones (VGG-KAN, ResKANet, DenseKANet).
+"""Classification heads shared by the backbones (VGG-KAN, ResKANet, DenseKANet, RDNet).
 
 torch-conv-kan's head types, on flattened pooled features:
 
@@ -59,10 +59,18 @@ class MatryoshkaLinear(nn.Module):
 class HeadMixin:
     """``get_classifier`` / ``reset_classifier`` (timm's head API) for a network whose head,
     the attribute named by ``head_attribute``, is built by :func:`create_head` from
-    ``self.head_options`` (every argument but ``num_classes``)."""
+    ``self.head_options`` (every argument but ``num_classes``; set by :meth:`build_head`)."""
 
     head_attribute: ClassVar[str] = "classifier"
     head_options: dict[str, Any]
+
+    def build_head(self, num_classes: int, head_type: str | None, in_features: int,
+                   dropout_linear: float, family: str, **family_options: Any) -> None:
+        """Record ``head_options`` (:func:`create_head`'s arguments but ``num_classes``) and
+        build the head for ``num_classes``."""
+        self.head_options = dict(head_type=head_type, in_features=in_features,
+                                 dropout_linear=dropout_linear, family=family, **family_options)
+        self.reset_classifier(num_classes)
 
     def get_classifier(self) -> nn.Module:
         """The head (``nn.Identity`` when there is none)."""

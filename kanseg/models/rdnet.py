@@ -20,7 +20,7 @@ from kanseg.layers.errors import OptionError, UnknownOptionError
 from kanseg.layers.factories import conv_function, create_dropout, to_tuple
 
 from .densekanet import DenseBlock
-from .heads import HeadMixin, create_head
+from .heads import HeadMixin
 from .registry import register_model, renamed_options
 
 #: torch-conv-kan's kagrdnet variants: stem width, growth rates, downsampling and ESE per stage
@@ -230,10 +230,8 @@ class RDNet(HeadMixin, nn.Module):
         self.feature_strides.append(stride)
         self.num_features = channels
         self.norm = nn.LayerNorm(channels)
-        self.head_options = dict(head_type=head_type, in_features=channels,
-                                 dropout_linear=dropout_linear, family=family,
-                                 **family_options)
-        self.classifier = create_head(num_classes=num_classes, **self.head_options)
+        self.build_head(num_classes, head_type, channels, dropout_linear, family,
+                        **family_options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """The map before each downsampling transition, and the last map."""

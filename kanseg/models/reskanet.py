@@ -17,6 +17,11 @@ from .resblocks import reference_res_stage
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
 STYLES = {"kanseg": res_stage, "torch_conv_kan": reference_res_stage}
+#: stage depths and block kind of each registered ResNet depth (``reskanet{depth}``)
+RESNET_LAYOUTS: dict[int, tuple[tuple[int, ...], str]] = {
+    18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck"),
+    101: ((3, 4, 23, 3), "bottleneck"), 152: ((3, 8, 36, 3), "bottleneck")}
+_DEPTHS = {layout: depth for depth, layout in RESNET_LAYOUTS.items()}
 
 
 class ResKANet(HeadMixin, nn.Module):
@@ -89,10 +94,8 @@ class ResKANet(HeadMixin, nn.Module):
             channels = out
         stride = stem_stride * (2 if first_maxpool else 1)
         self.feature_strides = [stem_stride] + [stride * 2**i for i in range(4)]
-        head_options = {k: v for k, v in family_options.items() if k not in MOE_OPTIONS}
-        self.head_options = dict(head_type=head_type, in_features=channels,
-                                 dropout_linear=dropout_linear, family=family, **head_options)
-        self.reset_classifier(num_classes)
+        self.build_head(num_classes, head_type, channels, dropout_linear, family,
+                        **{k: v for k, v in family_options.items() if k not in MOE_OPTIONS})
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps of the stem and of each stage (at ``feature_strides``)."""
@@ -109,10 +112,15 @@ class ResKANet(HeadMixin, nn.Module):
         return pooled if self.head is None else self.head(pooled)
 
 
-for _depth, _layers, _block in ((18, (2, 2, 2, 2), "basic"), (34, (3, 4, 6, 3), "basic"),
-                                (50, (3, 4, 6, 3), "bottleneck"),
-                                (101, (3, 4, 23, 3), "bottleneck"),
-                                (152, (3, 8, 36, 3), "bottleneck")):
+def reskanet_name(layers: Sequence[int], block: str, moe: bool = False) -> str:
+    """The registered name of the ResNet layout ``layers`` of ``block`` blocks
+    (:data:`RESNET_LAYOUTS`; ``reskanet18`` for another layout), ``moe_reskanet*`` with
+    ``moe``."""
+    depth = _DEPTHS.get((tuple(layers), block), 18)
+    return f"{'moe_' if moe else ''}reskanet{depth}"
+
+
+for _depth, (_layers, _block) in RESNET_LAYOUTS.items():
     register_model(f"reskanet{_depth}", ResKANet, dims=(2,), task="classification",
                    layers=_layers, block=_block,
                    description=f"ResNet-{_depth} layout of residual KAN blocks ({_block})")

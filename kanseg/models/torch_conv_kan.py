@@ -26,8 +26,8 @@ from kanseg.layers.moe import MoEKANConv
 from kanseg.files import atomic_write
 
 from .io import load_state
-from .registry import create_model, get_model_spec, list_models
-from .reskanet import EXPANSION, ResKANet
+from .registry import create_model
+from .reskanet import EXPANSION, ResKANet, reskanet_name
 from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN
 
 #: config keys of torch-conv-kan's VGGKAGN / VGGKAGN_BN constructors
@@ -347,10 +347,7 @@ def reskanet_model(layers: tuple[int, ...], block: str, **options: Any) -> ResKA
     (``moe_reskanet*`` with ``moe_experts``, whose loss coefficient defaults to
     :data:`MOE_RESKANET_LOSS_COEF`, so that the summed auxiliary losses are MoEResKANet's)."""
     moe = bool(options.get("moe_experts"))
-    prefix = "moe_reskanet" if moe else "reskanet"
-    name = next((n for n in list_models() if n.startswith(prefix)
-                 and get_model_spec(n).defaults.get("layers") == layers
-                 and get_model_spec(n).defaults.get("block") == block), f"{prefix}18")
+    name = reskanet_name(layers, block, moe)
     if moe:
         options.setdefault("moe_loss_coef", MOE_RESKANET_LOSS_COEF)
     return create_model(name, layers=layers, block=block, style="torch_conv_kan", **options)

@@ -1,6 +1,8 @@
 """U2KANet: U^2-Net (nested residual U-blocks) built from KAN convs, generic over 1D/2D/3D."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import Tensor, nn
@@ -42,6 +44,9 @@ class U2KANet(nn.Module):
     ``None`` (the default) makes every stage KAN.
     ``groups``: grouped KAN convs wherever it divides both channel counts (torch-conv-kan's
     ``groups``; the stem from image channels and the heads stay ungrouped).
+    ``dim_reduction``: the bottleneck convs' squeeze factor (``bottleneck_convs=True``).
+    ``align_corners=True`` makes the RSU blocks upsample with aligned corners, as
+    torch-conv-kan's U2KANet does (its side outputs, like ours, do not).
     """
 
     def __init__(
@@ -57,6 +62,8 @@ class U2KANet(nn.Module):
         bottleneck_convs: bool = False,
         kan_levels: list[int] | None = None,
         groups: int = 1,
+        dim_reduction: float = 4.0,
+        align_corners: bool = False,
         **family_options,
     ):
         super().__init__()
@@ -68,8 +75,8 @@ class U2KANet(nn.Module):
         self.spatial_dims = spatial_dims
         self.norm = norm
         self.deep_supervision = deep_supervision
-        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, options=family_options,
-                          groups=groups)
+        kan = ConvFactory(family, spatial_dims, norm, bottleneck_convs, dim_reduction,
+                          options=family_options, groups=groups)
         plain = PlainConvFactory(spatial_dims, norm, family_options.get("activation", "silu"))
 
         def scaled(spec):
@@ -81,16 +88,17 @@ class U2KANet(nn.Module):
         dec = [scaled(s) for s in VARIANTS[variant]["decoder"]]
         levels = check_kan_levels(kan_levels, len(enc))
         conv = [kan if level in levels else plain for level in range(len(enc))]
+        block = partial(RSUBlock, align_corners=align_corners)
         self.encoder = nn.ModuleList()
         channels = in_channels
         for level, (height, mid, out, dilated) in enumerate(enc):
-            self.encoder.append(RSUBlock(conv[level], channels, mid, out, height, dilated))
+            self.encoder.append(block(conv[level], channels, mid, out, height, dilated))
             channels = out
         self.decoder = nn.ModuleList()
         for level, (height, mid, out, dilated) in enumerate(dec):
             below = dec[level + 1][2] if level + 1 < len(dec) else enc[-1][2]
-            self.decoder.append(RSUBlock(conv[level], below + enc[level][2], mid, out, height,
-                                         dilated))
+            self.decoder.append(block(conv[level], below + enc[level][2], mid, out, height,
+                                      dilated))
         side_channels = [d[2] for d in dec] + [enc[-1][2]]
         conv_cls = Conv[Conv.CONV, spatial_dims]
         self.sides = nn.ModuleList([conv_cls(c, out_channels, 3, padding=1) for c in side_channels])

@@ -126,9 +126,7 @@ class VGGKAN(HeadMixin, nn.Module):
         self.feature_strides = [2**i for i in range(len(self.feature_channels))]
         self.avgpool = nn.AdaptiveAvgPool2d(self.expected_feature_shape)
         flat = channels * prod(self.expected_feature_shape)
-        self.head_options = dict(head_type=head_type, in_features=flat,
-                                 dropout_linear=dropout_linear, family=family, **family_options)
-        self.reset_classifier(num_classes)
+        self.build_head(num_classes, head_type, flat, dropout_linear, family, **family_options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""
