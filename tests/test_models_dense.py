@@ -296,13 +296,16 @@ def test_reskanet_converts_with_equal_outputs(tck_models, block, norm, layers):
     assert _n_params(ours) == _n_params(reference)
 
 
-def test_networks_that_do_not_fit_one_network_are_refused(tck_models):
-    """torch-conv-kan's KALN ResKANet keeps an instance-norm stem whatever ``norm_layer``."""
+def test_kaln_reskanet_stem_norm_converts_as_stem_options(tck_models):
+    """torch-conv-kan's KALN ResKANet keeps an instance-norm stem whatever ``norm_layer``:
+    ours gets ``stem_options`` (parity: ``tests/test_reskanet_convert.py``)."""
     module = tck_models["reskanet"]
     reference = module.ResKANet(module.KALNBasicBlock, [1, 1, 1, 1], num_classes=5,
                                 degree=1, norm_layer=nn.BatchNorm2d)
-    with pytest.raises(ValueError, match="norm"):
-        convert_torch_conv_kan(reference)
+    ours = convert_torch_conv_kan(reference)
+    # (without ``affine``, torch's defaults: an affine batch norm, a plain instance norm)
+    assert ours.model_config["stem_options"] == {"norm": "instance", "affine": False}
+    assert ours.model_config["norm"] == "batch"
 
 
 def test_rdnet_converts_with_equal_outputs():

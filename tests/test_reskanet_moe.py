@@ -109,7 +109,13 @@ def test_moe_reskanet_training_loss_is_the_references(tck_reskanet, noisy_gating
     reference = _moe_reference(tck_reskanet, "basic", noisy_gating).train()
     ours = convert_torch_conv_kan(reference)
     assert ours.training
-    x = torch.randn(4, 3, 32, 32)
+    assert_trains_alike(reference, ours, torch.randn(4, 3, 32, 32))
+
+
+def assert_trains_alike(reference: nn.Module, ours: nn.Module, x: torch.Tensor) -> None:
+    """In training mode, with the same gating noise (same seed), the logits and the summed
+    auxiliary losses of ``ours`` are the logits and the loss MoEResKANet ``reference``
+    returns."""
     torch.manual_seed(3)
     logits, loss = reference(x)
     torch.manual_seed(3)
@@ -132,15 +138,15 @@ def test_reskanet_with_a_3x3_stem_without_max_pool_converts(tck_reskanet):
         assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
-def test_moe_reskanets_that_do_not_fit_are_refused(tck_reskanet):
+def test_moe_reskanet_hidden_layer_with_instance_norm_is_refused(tck_reskanet):
+    """MoEResKANet's hidden KALN conv runs on the 1x1 pooled map: with its default instance
+    norm the reference cannot run a forward, and ours refuses to build it."""
     module = tck_reskanet
-    reference = module.MoEResKANet(module.MoEBottleneckKAGNBasicBlock, [1, 1, 1, 1],
-                                   num_classes=5, degree=1, num_experts=2)
-    with pytest.raises(ValueError, match="reskagnetbn_moe"):
-        convert_torch_conv_kan(reference)
     reference = module.MoEResKANet(module.MoEKALNBasicBlock, [1, 1, 1, 1], num_classes=5,
-                                   degree=1, num_experts=2, hidden_layer_dim=8)
-    with pytest.raises(ValueError, match="hidden layer"):
+                                   degree=1, num_experts=2, hidden_layer_dim=8).eval()
+    with pytest.raises(ValueError, match="spatial element"):
+        reference(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="instance norm is undefined"):
         convert_torch_conv_kan(reference)
 
 

@@ -87,12 +87,39 @@ def test_wavkan_conv_every_version_and_dims_converts(tck, dims, version):
     _check_equal(ref, torch.randn((2, 4) + (6,) * dims), KANConv)
 
 
-def test_wavkan_conv_with_different_group_wavelets_is_refused(tck):
+@pytest.mark.parametrize("dims, wavelet", [(1, "morlet"), (2, "mexican_hat"), (2, "shannon"),
+                                           (3, "dog")])
+def test_wavkan_conv_with_different_group_wavelets_converts(tck, dims, wavelet):
+    """Each group keeps its own scales and translations (``wavelet_groups = groups``)."""
     torch.manual_seed(3)
-    ref = _wavkan_conv(tck, 2, groups=2)
+    cls = getattr(tck[0], f"WavKANConv{dims}DLayer")
+    ref = cls(6, 9, 3, padding=1, groups=3, wavelet_type=wavelet)
     _randomise(ref, equal_groups=False)
-    with pytest.raises(ValueError, match="groups' wavelet scales differ"):
-        convert_torch_conv_kan(ref)
+    scales = [part.scale for part in ref.wavelet_conv]
+    assert not torch.equal(scales[0], scales[1])
+    ours = _check_equal(ref, torch.randn((2, 6) + (5,) * dims), KANConv)
+    # (groups * in_g, out_g)
+    assert ours.basis.scale.shape == ours.basis.translation.shape == (6, 3)
+
+
+def test_wavelet_groups_tile_the_groups_of_a_layer():
+    """``wavelet_groups`` rows of parameters per channel, read cyclically by the groups; a
+    count that does not divide the layer's channels is an error naming it."""
+    basis = create_basis("wavkan", 2, 9, n_wavelets=3, wavelet_groups=2)
+    assert basis.scale.shape == (4, 3)
+    with torch.no_grad():
+        basis.translation.normal_()
+    x = torch.randn(1, 8, 5)  # four groups of 2 channels
+    psi = basis(x)
+    single = create_basis("wavkan", 2, 9, n_wavelets=3)
+    with torch.no_grad():
+        for g in range(4):
+            single.translation.copy_(basis.translation[(g % 2) * 2:(g % 2) * 2 + 2])
+            torch.testing.assert_close(psi[:, 2 * g:2 * g + 2], single(x[:, 2 * g:2 * g + 2]))
+    with pytest.raises(ValueError, match="does not tile"):
+        basis(torch.randn(1, 6, 5))
+    with pytest.raises(ValueError, match="wavelet_groups"):
+        create_basis("wavkan", 2, 9, wavelet_groups=0)
 
 
 @pytest.mark.parametrize("wavelet", WAVELETS)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kanseg.files import atomic_write_text
 from kanseg.layers.auxiliary import collect_auxiliary_losses
+from kanseg.layers.moe import MoEKANConv
 from kanseg.plots import plot_curves
 
 from . import checkpoint as ckpt
@@ -98,9 +99,20 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def make_accelerator(cfg: TrainerConfig, run_dir: Path) -> Accelerator:
+def leaves_parameters_unused(model: nn.Module) -> bool:
+    """Whether a training step may leave trainable parameters of ``model`` without a gradient:
+    a sparse mixture of experts runs only the experts its gate selects (and without noisy
+    gating never uses its noise weights)."""
+    return any(isinstance(m, MoEKANConv) for m in model.modules())
+
+
+def make_accelerator(cfg: TrainerConfig, run_dir: Path,
+                     find_unused_parameters: bool = False) -> Accelerator:
     """Accelerator for ``cfg``: precision (fp16 falls back to fp32 without CUDA), grad
-    accumulation, TensorBoard (and wandb) trackers writing under ``run_dir``."""
+    accumulation, TensorBoard (and wandb) trackers writing under ``run_dir``.
+    ``find_unused_parameters``: multi-process (DDP) training accepts steps that leave some
+    parameters without a gradient (:func:`leaves_parameters_unused`), at the cost of a graph
+    traversal per step."""
     precision = cfg.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         log.warning("trainer.mixed_precision=fp16 needs a CUDA GPU; training in float32")
@@ -113,9 +125,11 @@ def make_accelerator(cfg: TrainerConfig, run_dir: Path) -> Accelerator:
             raise ValueError("trainer.wandb=true needs wandb: pip install 'kanseg[wandb]'") from None
         trackers.append("wandb")
     process_state()
+    handlers = ([DistributedDataParallelKwargs(find_unused_parameters=True)]
+                if find_unused_parameters else [])
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                        log_with=trackers, project_dir=str(run_dir), rng_types=[],
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
 
 
 def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainerConfig) -> torch.optim.Optimizer:
@@ -175,7 +189,8 @@ class Trainer:
                  accelerator: Accelerator | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.acc = accelerator or make_accelerator(cfg, self.run_dir)
+        self.acc = accelerator or make_accelerator(cfg, self.run_dir,
+                                                   leaves_parameters_unused(model))
         setup_logging(self.run_dir, self.acc.is_main_process)
         self.validate, self.split_batch = validate, split_batch
         self.loss_fn = loss_fn.to(self.acc.device) if isinstance(loss_fn, nn.Module) else loss_fn

@@ -145,7 +145,10 @@ class KANSelfAttention(nn.Module):
     ``rope`` (``"mixed"``/``"axial"``) rotates q and k (:class:`RotaryEmbedding`).
     ``norm`` and ``affine`` are those of the q/k/v convs and of the output norm
     (``channel_layer``, torch-conv-kan's default output norm in 2D: instance-normed convs);
-    ``family_options`` go to every q/k/v conv (``degree``, ``dropout``...).
+    ``family_options`` go to every q/k/v conv (``degree``, ``dropout``...). ``qkv``, when
+    given, builds each of q, k and v from the attention width instead (a 'same'-size module,
+    e.g. RDNet's KAN conv + channel LayerNorm unit); ``family`` and the conv options then go
+    unused.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class KANSelfAttention(nn.Module):
         bottleneck: bool = False,
         dim_reduction: float = 4.0,
         recompute: bool = True,
+        qkv: Callable[[int], nn.Module] | None = None,
         **family_options,
     ):
         super().__init__()
@@ -188,6 +192,7 @@ class KANSelfAttention(nn.Module):
             self.inner_proj = conv(channels, inner_channels, 1)
             self.outer_proj = conv(inner_channels, channels, 1)
         self.proj_q, self.proj_k, self.proj_v = (
+            qkv(width) if qkv is not None else
             create_kan_conv(family, spatial_dims, width, width, kernel_size,
                             padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
                             groups=groups, bottleneck=bottleneck, dim_reduction=dim_reduction,

@@ -97,8 +97,13 @@ def _channel_param(param: Tensor, x: Tensor) -> Tensor:
     """Broadcast a per-channel ``(C_group, n)`` parameter against ``x.unsqueeze(2)``.
 
     Grouped layers run all groups in one call, so ``x`` holds ``groups * C_group`` channels;
-    like torch-conv-kan, every group shares the same per-channel parameters.
+    like torch-conv-kan, every group shares the same per-channel parameters. A parameter of
+    ``k * C_group`` rows is tiled instead: group ``g`` reads rows of block ``g % k``
+    (``k = groups``: each group its own).
     """
+    if not torch.jit.is_tracing() and x.shape[1] % param.shape[0]:
+        raise ValueError(f"a per-channel basis parameter of {param.shape[0]} rows does not tile "
+                         f"the input's {x.shape[1]} channels")
     groups = x.shape[1] // param.shape[0]
     return param.repeat(groups, 1).view((1, x.shape[1], param.shape[1]) + (1,) * (x.dim() - 2))
 
@@ -538,24 +543,34 @@ class WaveletBasis(Basis):
     symmetric Hamming window laid over the input channels of a group (WavKAN windows its
     wavelet tensor's input-channel axis), so channel c of C gets
     0.54 - 0.46 cos(2 pi c / (C - 1)). Translations start evenly spread over [-1, 1], scales
-    at 1. Base branch SiLU, batch norm and no activation by default.
+    at 1. Base branch SiLU, batch norm and no activation by default. The groups of a grouped
+    layer share the scales and translations; with ``wavelet_groups`` (a divisor of the layer's
+    ``groups``) ``scale`` and ``translation`` are ``(wavelet_groups * in_channels,
+    n_wavelets)`` and channel ``c`` of group ``g`` uses row
+    ``(g % wavelet_groups) * in_channels + c`` (``wavelet_groups = groups``: each group its
+    own, as WavKAN's grouped convs).
     """
 
     layer_defaults = {"norm": "batch", "activation": None}
 
     def __init__(self, in_channels: int, kernel_numel: int = 9, wavelet: str = "mexican_hat",
-                 n_wavelets: int = 4):
+                 n_wavelets: int = 4, wavelet_groups: int = 1):
         super().__init__()
         if wavelet not in WAVELETS:
             raise ValueError(f"wavelet must be one of {sorted(WAVELETS)}, got {wavelet!r}")
         if isinstance(n_wavelets, bool) or not isinstance(n_wavelets, int) or n_wavelets < 1:
             raise ValueError(f"n_wavelets must be an integer >= 1, got {n_wavelets!r}")
+        if (isinstance(wavelet_groups, bool) or not isinstance(wavelet_groups, int)
+                or wavelet_groups < 1):
+            raise OptionError("wavelet_groups",
+                              f"wavelet_groups must be an integer >= 1, got {wavelet_groups!r}")
         self.wavelet = wavelet
         self.n_basis = n_wavelets
         self.in_channels = in_channels
         shift = torch.linspace(-1.0, 1.0, n_wavelets) if n_wavelets > 1 else torch.zeros(1)
-        self.translation = nn.Parameter(shift.repeat(in_channels, 1))
-        self.scale = nn.Parameter(torch.ones(in_channels, n_wavelets))
+        rows = wavelet_groups * in_channels
+        self.translation = nn.Parameter(shift.repeat(rows, 1))
+        self.scale = nn.Parameter(torch.ones(rows, n_wavelets))
 
     def forward(self, x: Tensor) -> Tensor:
         shift = _channel_param(self.translation, x).to(x.dtype)

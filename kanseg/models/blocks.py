@@ -5,7 +5,7 @@ Every convolution comes from :class:`ConvFactory`, which calls
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence, Union
 
 import torch
@@ -18,6 +18,9 @@ from kanseg.layers.errors import OptionError
 
 BLOCK_KINDS = ("basic", "bottleneck")
 _INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+#: option names of :meth:`ConvFactory.with_options` -> the factory fields they set
+_FACTORY_FIELDS = {"family": "family", "norm": "norm", "bottleneck_convs": "bottleneck",
+                   "dim_reduction": "dim_reduction"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class ConvFactory:
     ``options`` holds the family options (``degree``...) and layer options (``dropout``...).
     ``groups`` is the default of every conv whose in and out channels it divides (so a stem
     from image channels or a head to classes stays ungrouped, as in torch-conv-kan).
+    ``pointwise``: the factory of the kernel-1 convs (None: this one), for networks whose 1x1
+    convs differ in family or norm (:meth:`with_options`).
     """
 
     family: str
@@ -38,10 +43,22 @@ class ConvFactory:
     dim_reduction: float = 4.0
     options: dict[str, Any] = field(default_factory=dict)
     groups: int = 1
+    pointwise: ConvFactory | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise OptionError("groups", f"groups must be an integer >= 1, got {self.groups!r}")
+
+    def with_options(self, **overrides: Any) -> ConvFactory:
+        """This factory (without ``pointwise``) with some options replaced: ``family``,
+        ``norm``, ``bottleneck_convs``, ``dim_reduction`` and any conv option."""
+        fields = {name: overrides.pop(key) for key, name in _FACTORY_FIELDS.items()
+                  if key in overrides}
+        return replace(self, pointwise=None, options={**self.options, **overrides}, **fields)
+
+    def for_kernel(self, kernel_size: int) -> ConvFactory:
+        """The factory that builds convs of ``kernel_size``: ``pointwise`` for 1, if set."""
+        return self.pointwise if kernel_size == 1 and self.pointwise is not None else self
 
     def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, dilation: int = 1, groups: int | None = None, act: bool = True,
@@ -50,6 +67,10 @@ class ConvFactory:
 
         ``overrides`` replace options for this conv only (e.g. ``dropout``).
         """
+        factory = self.for_kernel(kernel_size)
+        if factory is not self:
+            return factory(in_channels, out_channels, kernel_size, stride, dilation, groups, act,
+                           **overrides)
         if groups is None:
             divides = in_channels % self.groups == 0 and out_channels % self.groups == 0
             groups = self.groups if divides else 1
@@ -118,19 +139,22 @@ AnyConvFactory = Union[ConvFactory, PlainConvFactory]
 class KANResBlock(nn.Module):
     """Residual KAN (or plain, with :class:`PlainConvFactory`) block: ``act(body(x) + shortcut(x))``.
 
-    ``basic``: two 3x3 convs. ``bottleneck``: 1x1 squeeze to ``out/expansion``, 3x3, 1x1 expand.
+    ``basic``: two 3x3 convs. ``bottleneck``: 1x1 squeeze to ``out/expansion`` (times
+    ``width_per_group / 64``), 3x3, 1x1 expand. The 3x3 convs are dilated by ``dilation``.
     The shortcut is a strided 1x1 KAN conv when stride or width change.
     """
 
     def __init__(self, conv: AnyConvFactory, in_channels: int, out_channels: int,
-                 stride: int = 1, kind: str = "basic", expansion: int = 4):
+                 stride: int = 1, kind: str = "basic", expansion: int = 4, dilation: int = 1,
+                 width_per_group: int = 64):
         super().__init__()
         if kind == "basic":
-            self.body = nn.Sequential(conv(in_channels, out_channels, 3, stride),
-                                      conv(out_channels, out_channels, 3, act=False))
+            self.body = nn.Sequential(conv(in_channels, out_channels, 3, stride, dilation),
+                                      conv(out_channels, out_channels, 3, 1, dilation, act=False))
         elif kind == "bottleneck":
-            mid = max(out_channels // expansion, 1)
-            self.body = nn.Sequential(conv(in_channels, mid, 1), conv(mid, mid, 3, stride),
+            mid = max(int(out_channels // expansion * width_per_group / 64), 1)
+            self.body = nn.Sequential(conv(in_channels, mid, 1),
+                                      conv(mid, mid, 3, stride, dilation),
                                       conv(mid, out_channels, 1, act=False))
         else:
             raise ValueError(f"block must be one of {BLOCK_KINDS}, got {kind!r}")
@@ -144,14 +168,25 @@ class KANResBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-def res_stage(conv: AnyConvFactory, in_channels: int, out_channels: int, blocks: int,
-              stride: int = 1, kind: str = "basic") -> nn.Sequential:
-    """``blocks`` residual blocks; the first changes width / resolution."""
+def stage_dilations(blocks: int, dilation: int = 1,
+                    first_dilation: int | None = None) -> list[int]:
+    """The dilation of each of a stage's ``blocks`` blocks: ``first_dilation`` (default
+    ``dilation``) for the first, ``dilation`` for the others."""
     if blocks < 1:
         raise ValueError(f"blocks per stage must be >= 1, got {blocks!r}")
-    layers = [KANResBlock(conv, in_channels, out_channels, stride, kind)]
-    layers += [KANResBlock(conv, out_channels, out_channels, 1, kind) for _ in range(blocks - 1)]
-    return nn.Sequential(*layers)
+    return [first_dilation or dilation] + [dilation] * (blocks - 1)
+
+
+def res_stage(conv: AnyConvFactory, in_channels: int, out_channels: int, blocks: int,
+              stride: int = 1, kind: str = "basic", dilation: int = 1,
+              first_dilation: int | None = None, width_per_group: int = 64) -> nn.Sequential:
+    """``blocks`` residual blocks; the first changes width / resolution and is dilated by
+    ``first_dilation`` (default ``dilation``), the others by ``dilation``."""
+    dilations = stage_dilations(blocks, dilation, first_dilation)
+    return nn.Sequential(*(KANResBlock(conv, in_channels if i == 0 else out_channels,
+                                       out_channels, stride if i == 0 else 1, kind,
+                                       dilation=d, width_per_group=width_per_group)
+                           for i, d in enumerate(dilations)))
 
 
 class FullResRefine(nn.Module):
@@ -261,6 +296,6 @@ def crop_to(x: Tensor, size: Sequence[int]) -> Tensor:
 
 __all__ = [
     "BLOCK_KINDS", "AnyConvFactory", "ConvFactory", "FullResRefine", "KANResBlock", "PlainConvFactory", "RSUBlock",
-    "check_bottom_size", "check_kan_levels", "crop_to", "pad_to_multiple", "res_stage",
+    "check_bottom_size", "check_kan_levels", "crop_to", "pad_to_multiple", "res_stage", "stage_dilations",
     "resize_to",
 ]

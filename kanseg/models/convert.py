@@ -7,8 +7,11 @@ norm), KAN B-splines (equal per-group PReLUs) and ReLU-KAN; the ``kans/`` linear
 GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer, KANLayer and ReLUKANLayer (no base
 branch: ours is zeroed; its bias is :class:`KANLinear`'s), and the networks built from them
 (KAGN, KALN, KACN, KAJN, KAN, ReLUKAN). Anything else is refused with the list of what is
-covered. WavKAN convs, WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
-Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet, KAGNRDNet, U2KANet and
+covered. WavKAN convs (grouped ones whatever their groups' wavelets), WavKANLayer and WavKAN:
+see :mod:`kanseg.models.convert_wavkan`.
+Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet (any ``width_per_group``,
+dilation and hidden layer; the ``reskagnetbn_moe_*`` included), KAGNRDNet
+(``post_block_attention`` included), U2KANet and
 U2KANetSmall: see :mod:`kanseg.models.convert_models`. MoE convs: see
 :mod:`kanseg.models.convert_moe`. Attention and focal-modulation layers, KAGN V2 and bottleneck
 ReLU-KAN convs, UKANet and UKAGNet: see :mod:`kanseg.models.convert_attention`.

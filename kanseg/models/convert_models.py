@@ -6,10 +6,14 @@ Our network is built (``create_model``) from the options read off the reference 
 then each of its layers is loaded strictly with the weights of the matching reference layer,
 converted by ``convert_torch_conv_kan`` (so a layer whose shapes differ is an error, never a
 partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottleneck, KALN,
-KACN, KAJN). Not covered: MoE networks (the MoE VGGs and MoEResKANets of MoE KALN convs
-aside; not the ``reskagnetbn_moe_*``, whose blocks mix KAGN and KALN convs), RDNet's
-``post_block_attention``, torch-conv-kan's RDNet stem when it differs from the body (its
-stem is always a degree-3 bottleneck KAGN conv), and ``u2kagnet_bn_small`` (a 1x1 first conv).
+KACN, KAJN); ResKANets and MoEResKANets with any ``width_per_group``,
+``replace_stride_with_dilation`` and hidden layer, the ``reskagnetbn_moe_*`` (batch-normed
+MoE bottleneck KAGN convs between instance-normed KALN 1x1 convs) included. Not covered:
+other MoE networks (the MoE VGGs and MoEResKANets aside), torch-conv-kan's RDNet stem when
+it differs from the body (its stem is always a degree-3 bottleneck KAGN conv), and
+``u2kagnet_bn_small`` (a 1x1 first conv). KAGNRDNet's ``post_block_attention`` converts to
+our RDNet's option of that name (a :class:`~kanseg.layers.attention.KANSelfAttention` after
+each stage, q/k/v our RDNet units; ``attention_inner_scale`` reproduces its inner widths).
 
 VGGs go the way of their checkpoints (:mod:`.torch_conv_kan`): the constructor arguments are
 read off the instance, :func:`~.torch_conv_kan.model_from_config` builds our VGG-KAN and
@@ -21,7 +25,6 @@ VGGKAN (B-splines), FastVGGKAN, VGGKACN and WavVVGKAN, whose convs that mapping 
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
@@ -30,8 +33,8 @@ from . import convert as core
 from .heads import MatryoshkaLinear
 from .registry import create_model
 from .reskanet import EXPANSION
-from .torch_conv_kan import (convert_state_dict, layer_state_to_ours, model_from_config,
-                             reskanet_model)
+from .torch_conv_kan import (conv_overrides, convert_state_dict, layer_state_to_ours,
+                             model_from_config, reskanet_model, vgg_key_to_ours)
 from .u2kanet import U2KANet
 from .vgg import VGG_SA_TYPES, VGG_TYPES, VGGKAN, vgg_layout
 
@@ -138,44 +141,76 @@ def convert_densekanet(reference: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- ResKANet
-def convert_reskanet(reference: nn.Module) -> nn.Module:
-    """torch-conv-kan's ``ResKANet`` and ``MoEResKANet`` -> our :class:`ResKANet` with
-    ``style="torch_conv_kan"`` (:func:`~.torch_conv_kan.reskanet_model`: an MoEResKANet's
-    summed auxiliary losses are its returned loss). Every stem size, stride and max-pool;
-    not MoEResKANet's hidden layer, nor its blocks of MoE bottleneck-KAGN convs."""
-    name = type(reference).__name__
-    stem = _unwrap(reference.conv1)
+def _block_conv_options(conv: nn.Module) -> dict[str, Any]:
+    """:func:`_conv_options` of a residual block's 3x3 conv, plain or a mixture: of whole
+    convs (their first expert's) or of the inner convs of a bottleneck KAGN conv."""
+    experts = getattr(conv, "experts", None)
+    if isinstance(experts, nn.ModuleList):
+        return _conv_options(experts[0])
+    if experts is None:
+        return _conv_options(conv)
+    norm, affine = core._norm_option(conv.layer_norm[0], type(conv).__name__)
+    return dict(family="kagn", norm=norm, affine=affine, degree=experts.experts[0].degree,
+                bottleneck_convs=True)
+
+
+def _reskanet_moe(mixture: nn.Module | None) -> dict[str, Any]:
+    """The ``moe_*`` options of a block's mixture (none for a plain conv)."""
+    if mixture is None:
+        return {}
+    inner = hasattr(mixture, "inner_dim")  # MoEBottleNeckKAGNConvND: mixes its inner conv
+    gating = mixture.experts if inner else mixture
+    return dict(moe_experts=gating.num_experts, moe_top_k=gating.k,
+                moe_noisy_gating=gating.noisy_gating, **({"moe_inner": True} if inner else {}))
+
+
+def _reskanet_geometry(reference: nn.Module, ref_stages: list, kind: str) -> dict[str, Any]:
+    """Stem, max-pool, dilation and bottleneck-width options of a torch-conv-kan ResKANet."""
+    name, stem = type(reference).__name__, _unwrap(reference.conv1)
     _check_geometry(stem, f"{name} stem", padding=stem.kernel_size // 2)
-    if (reference.base_width != 64 or reference.dilation != 1
-            or getattr(reference, "hidden_layer", None) is not None):
-        raise ValueError(f"{name}: only width_per_group=64, no dilation and no hidden layer "
-                         "convert")
     if reference.maxpool is not None:
         _check_geometry(reference.maxpool, f"{name} max-pool", kernel_size=3, stride=2,
                         padding=1)
+    options = dict(stem_width=stem.outdim, stem_kernel_size=stem.kernel_size,
+                   stem_stride=stem.stride, first_maxpool=reference.maxpool is not None,
+                   replace_stride_with_dilation=tuple(s[0].stride == 1 for s in ref_stages[1:]))
+    if kind == "bottleneck":  # basic blocks ignore width_per_group
+        options["width_per_group"] = reference.base_width
+    return options
+
+
+def convert_reskanet(reference: nn.Module) -> nn.Module:
+    """torch-conv-kan's ``ResKANet`` and ``MoEResKANet`` -> our :class:`ResKANet` with
+    ``style="torch_conv_kan"`` (:func:`~.torch_conv_kan.reskanet_model`: an MoEResKANet's
+    summed auxiliary losses are its returned loss). Every stem size, stride and max-pool,
+    ``width_per_group``, ``replace_stride_with_dilation``, MoEResKANet's hidden layer
+    (ResKANet builds none) and its blocks of MoE bottleneck-KAGN convs (``reskagnetbn_moe_*``,
+    whose stem, 1x1 convs and shortcuts differ in family or norm: ``stem_options`` and
+    ``pointwise_options``)."""
+    stem = _unwrap(reference.conv1)
     ref_stages = [reference.layer1, reference.layer2, reference.layer3, reference.layer4]
     ref_blocks = [block for stage in ref_stages for block in stage]
     kind = "bottleneck" if hasattr(ref_blocks[0], "conv3") else "basic"
     ref_convs = [[_unwrap(block.conv1), _unwrap(block.conv2)]
                  + ([_unwrap(block.conv3)] if kind == "bottleneck" else [])
                  for block in ref_blocks]
-    mixture = next((c for convs in ref_convs for c in convs if hasattr(c, "w_gate")), None)
-    moe = {}
-    if mixture is not None:
-        if hasattr(mixture, "inner_dim"):
-            raise ValueError(f"{name}: blocks of MoE bottleneck-KAGN convs "
-                             "(reskagnetbn_moe_*) do not convert: they mix KAGN and KALN "
-                             "convs and norms")
-        moe = dict(moe_experts=mixture.num_experts, moe_top_k=mixture.k,
-                   moe_noisy_gating=mixture.noisy_gating)
+    spatial = ref_convs[0][int(kind == "bottleneck")]
+    network = _block_conv_options(spatial)
+    hidden = getattr(reference, "hidden_layer", None)
+    roles = dict(stem_options=conv_overrides(network, _conv_options(stem)),
+                 pointwise_options=conv_overrides(network, _conv_options(ref_convs[0][-1])),
+                 hidden_dim=_out_channels(hidden) if hidden is not None else None)
     ours = reskanet_model(
         tuple(len(stage) for stage in ref_stages), kind,
         in_channels=stem.inputdim, num_classes=reference.fc.out_features,
-        width=reference.fc.in_features // (8 * EXPANSION[kind]), stem_width=stem.outdim,
-        stem_kernel_size=stem.kernel_size, stem_stride=stem.stride,
-        first_maxpool=reference.maxpool is not None, dropout=core._dropout(stem),
-        dropout_linear=reference.drop.p, groups=reference.groups, **_conv_options(stem), **moe)
+        width=_out_channels(ref_convs[0][-1]) // EXPANSION[kind],
+        dropout=core._dropout(stem), dropout_linear=reference.drop.p, groups=reference.groups,
+        **_reskanet_geometry(reference, ref_stages, kind), **network,
+        **{key: value for key, value in roles.items() if value is not None},
+        **_reskanet_moe(spatial if hasattr(spatial, "w_gate") else None))
     _load(ours.stem, stem)
+    if hidden is not None:
+        _load(ours.hidden, hidden)
     for block, ref_block, convs in zip((b for s in ours.stages for b in s), ref_blocks,
                                        ref_convs):
         for conv, ref_conv in zip(block.body, convs):
@@ -196,9 +231,6 @@ def _load_unit(unit: nn.Sequential, reference: nn.Module, where: str) -> None:
         if len(norm) != 1:
             raise ValueError(f"{where}: grouped KAN convs do not convert")
         norm = norm[0]
-    if type(norm).__name__ != "LayerNorm2d" or norm.eps != unit[1].eps:
-        raise ValueError(f"{where}: norm {norm} does not convert (timm LayerNorm2d, "
-                         f"eps={unit[1].eps}, does)")
     theirs = {k: v for k, v in reference.state_dict().items() if not k.startswith("layer_norm.")}
     if isinstance(reference.base_conv, nn.ModuleList):  # V1 layout: one module per group
         state = layer_state_to_ours(theirs, unit[0], 1)
@@ -207,53 +239,122 @@ def _load_unit(unit: nn.Sequential, reference: nn.Module, where: str) -> None:
                  "basis_weight": theirs["poly_conv.weight"],
                  "basis.beta_weights": theirs["beta_weights"]}
     unit[0].load_state_dict(state)
-    unit[1].load_state_dict(norm.state_dict())
+    _load_channel_norm(unit[1], norm, where)
+
+
+def _load_channel_norm(ours: nn.LayerNorm, reference: nn.Module, where: str) -> None:
+    """Our channel LayerNorm <- timm's ``LayerNorm2d`` (same eps)."""
+    if type(reference).__name__ != "LayerNorm2d" or reference.eps != ours.eps:
+        raise ValueError(f"{where}: norm {reference} does not convert (timm LayerNorm2d, "
+                         f"eps={ours.eps}, does)")
+    ours.load_state_dict(reference.state_dict())
+
+
+def _rdnet_parts(reference: nn.Module) -> tuple[list[nn.Sequential], list[nn.Module]]:
+    """(dense stages, post-block attention layers) of a ``KAGNRDNet``: with
+    ``post_block_attention`` its ``dense_stages`` alternate stage, attention."""
+    children = list(reference.dense_stages)
+    stages = [m for m in children if isinstance(m, nn.Sequential)]
+    attentions = [m for m in children if not isinstance(m, nn.Sequential)]
+    if attentions and children != [m for pair in zip(stages, attentions) for m in pair]:
+        raise ValueError("KAGNRDNet: dense_stages must alternate stage and attention "
+                         "(post_block_attention) or hold stages only")
+    return stages, attentions
+
+
+def _rdnet_attention_scale(attentions: list[nn.Module]) -> float:
+    """An ``attention_inner_scale`` s with ``int(channels / s)`` = each attention's inner
+    width (torch-conv-kan rounds ``channels / inner_projection_attention_scale`` down)."""
+    widths = [(a.input_dim, a.inner_proj.out_channels) for a in attentions]
+    low = max(c / (inner + 1) for c, inner in widths)
+    high = min(c / inner for c, inner in widths)
+    for scale in (high, (low + high) / 2):
+        if scale > low and all(int(c / scale) == inner for c, inner in widths):
+            return scale
+    raise ValueError(f"KAGNRDNet: no inner_projection_attention_scale gives its attention "
+                     f"layers' (channels, inner width) {widths}")
+
+
+def _rdnet_attention_options(attentions: list[nn.Module]) -> dict[str, Any]:
+    """``post_block_attention`` / ``attention_inner_scale`` of a ``KAGNRDNet`` (none without
+    attention); q/k/v convs other than 3x3 'same' ungrouped ones are refused."""
+    if not attentions:
+        return {}
+    for i, attention in enumerate(attentions):
+        if attention.inner_proj is None or hasattr(attention, "rope_mixed"):
+            raise ValueError(f"KAGNRDNet attention {i}: only attention with inner projections "
+                             "and no RoPE converts (as post_block_attention builds it)")
+        _check_geometry(attention.proj_q, f"KAGNRDNet attention {i}", kernel_size=3, stride=1,
+                        padding=1, dilation=1, groups=1)
+    return dict(post_block_attention=True,
+                attention_inner_scale=_rdnet_attention_scale(attentions))
+
+
+def _load_rdnet_attention(ours: nn.Module, reference: nn.Module, where: str) -> None:
+    """Our post-block :class:`~kanseg.layers.attention.KANSelfAttention` <- the reference's."""
+    for key in ("proj_q", "proj_k", "proj_v"):
+        _load_unit(getattr(ours, key), getattr(reference, key), f"{where} {key}")
+    _load(ours.inner_proj, reference.inner_proj)
+    _load(ours.outer_proj, reference.outer_proj)
+    _load_channel_norm(ours.norm_layer, reference.norm_layer, f"{where} output")
+    ours.gamma.copy_(reference.gamma)
 
 
 def _rdnet_options(reference: nn.Module) -> dict[str, Any]:
-    """RDNet options read off a ``KAGNRDNet`` (stages, widths, body conv options)."""
+    """RDNet options read off a ``KAGNRDNet`` (stages, widths, body conv options, post-block
+    attention)."""
     growth, blocks, downsample, ese = [], [], [], []
-    for i, stage in enumerate(reference.dense_stages):
-        if not isinstance(stage, nn.Sequential):
-            raise ValueError("KAGNRDNet: post_block_attention=True does not convert")
+    stages, attentions = _rdnet_parts(reference)
+    for i, stage in enumerate(stages):
         dense = stage[-1]
         growth.append(dense.dense_block0.growth_rate)
         blocks.append(len(dense))
         downsample.append(i > 0 and _unwrap(stage[0]).stride == 2)
         ese.append(len(dense.dense_block0.layers.layers) == 4)
-    body = _unwrap(reference.dense_stages[0][-1].dense_block0.layers.layers[1])
+    body = _unwrap(stages[0][-1].dense_block0.layers.layers[1])
     stem = _unwrap(reference.stem.stem[0])
     if (stem.degree, hasattr(stem, "inner_dim")) != (body.degree, hasattr(body, "inner_dim")):
         raise ValueError("KAGNRDNet: its stem is a degree-3 bottleneck KAGN conv whatever the "
                          "body; only networks whose body matches it (is_bottleneck=True, "
                          "degree=3) convert")
-    gamma = reference.dense_stages[0][-1].dense_block0.gamma
+    gamma = stages[0][-1].dense_block0.gamma
     return dict(num_init_features=stem.outdim, growth_rates=tuple(growth),
                 num_blocks=tuple(blocks), downsample=tuple(downsample), ese=tuple(ese),
                 patch_size=stem.kernel_size, bottleneck_convs=hasattr(body, "inner_dim"),
                 degree=body.degree, ls_init_value=1.0 if gamma is not None else 0.0,
-                in_channels=stem.inputdim, dropout=core._dropout(body))
+                in_channels=stem.inputdim, dropout=core._dropout(body),
+                **_rdnet_attention_options(attentions))
+
+
+def _load_rdnet_blocks(dense: nn.Module, reference: nn.Module, stage: int) -> None:
+    """Our dense block of stage ``stage`` <- the reference's ``DenseStage``."""
+    for j, (block, ref_block) in enumerate(zip(dense, reference)):
+        where = f"KAGNRDNet stage {stage} block {j}"
+        ref_layers = ref_block.layers.layers
+        for unit, ref_layer in zip(block.layers[:3], ref_layers[:3]):
+            _load_unit(unit, ref_layer, where)
+        if len(ref_layers) == 4:
+            _load_unit(block.layers[3].fc, ref_layers[3].fc, where)
+        if block.gamma is not None:
+            block.gamma.copy_(ref_block.gamma)
 
 
 def convert_rdnet(reference: nn.Module) -> nn.Module:
-    """torch-conv-kan's ``KAGNRDNet`` -> our :class:`RDNet` (degree-major depthwise layout)."""
+    """torch-conv-kan's ``KAGNRDNet`` -> our :class:`RDNet` (degree-major depthwise layout;
+    ``post_block_attention`` included)."""
     head = reference.head
     num_classes = head.fc.out_features if isinstance(head.fc, nn.Linear) else 0
     ours = create_model("rdnet", num_classes=num_classes, dropout_linear=head.drop.p,
                         reference_depthwise=True, **_rdnet_options(reference))
     _load_unit(ours.stem, reference.stem.stem[0], "KAGNRDNet stem")
-    for i, (stage, ref_stage) in enumerate(zip(ours.stages, reference.dense_stages)):
+    ref_stages, attentions = _rdnet_parts(reference)
+    for i, (stage, ref_stage) in enumerate(zip(ours.stages, ref_stages)):
+        parts = list(stage)
         if i > 0:
-            _load_unit(stage[0], ref_stage[0], f"KAGNRDNet transition {i}")
-        for j, (block, ref_block) in enumerate(zip(stage[-1], ref_stage[-1])):
-            where = f"KAGNRDNet stage {i} block {j}"
-            ref_layers = ref_block.layers.layers
-            for unit, ref_layer in zip(block.layers[:3], ref_layers[:3]):
-                _load_unit(unit, ref_layer, where)
-            if len(ref_layers) == 4:
-                _load_unit(block.layers[3].fc, ref_layers[3].fc, where)
-            if block.gamma is not None:
-                block.gamma.copy_(ref_block.gamma)
+            _load_unit(parts.pop(0), ref_stage[0], f"KAGNRDNet transition {i}")
+        _load_rdnet_blocks(parts.pop(0), ref_stage[-1], i)
+        if attentions:
+            _load_rdnet_attention(parts.pop(0), attentions[i], f"KAGNRDNet attention {i}")
     _load(ours.norm, head.norm)
     if num_classes:
         _load(ours.classifier[1], head.fc)
@@ -408,7 +509,7 @@ def convert_vgg(reference: nn.Module) -> VGGKAN:
         **body)
     ours = model_from_config(config, options["norm"] == "batch", options["bottleneck_convs"], moe,
                              family=family)
-    state = {re.sub(r"^(features\.\d+)\.module\.", r"\1.", key): value  # L1 wrappers
+    state = {vgg_key_to_ours(key): value  # L1 wrappers dropped
              for key, value in reference.state_dict().items() if not key.startswith("classifier.")}
     ours_head = [key for key, m in _head_modules(ours.classifier, children=True)
                  if any(True for _ in m.parameters())]

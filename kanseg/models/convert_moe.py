@@ -14,7 +14,8 @@ Covered:
 - the MoE VGGs ``MoEVGGKAGN`` and ``MoE_VGGKAGN_BN`` -> our VGG-KAN with ``moe_*`` options,
   through :func:`~.convert_models.convert_vgg` (like every torch-conv-kan VGG), whose layers
   map with :func:`moe_state_to_ours`;
-- the MoEResKANets of MoE KALN convs -> our ResKANet with ``moe_*`` options, through
+- the MoEResKANets of MoE KALN convs or MoE bottleneck KAGN convs (``reskagnetbn_moe_*``:
+  ``moe_inner=True``) -> our ResKANet with ``moe_*`` options, through
   :func:`~.convert_models.convert_reskanet` (instances) and
   :func:`~.torch_conv_kan.reskanet_from_state_dict` (state dicts, mapped the same way).
 

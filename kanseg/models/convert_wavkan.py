@@ -9,9 +9,10 @@ W (``wavelet_out``): y_p = sum_o W_po sum_i K_oi * psi_oi(x_i). Ours is one wave
 one wavelet per output (``n_wavelets`` = output channels per group, ``translation[i, o]`` =
 t_oi) and the basis weight W_po K_oi at expanded channel ``i * n + o``. The ``kans/``
 ``WavKANLayer`` (y_o = sum_i w_oi psi_oi(x_i)) is the same with a diagonal W and kernel 1.
-WavKAN drops the wavelet branch's input only: ``dropout_placement="poly"`` here. Our basis
-shares its wavelets across groups, so grouped layers convert when their groups' scales and
-translations are equal (as initialised); otherwise ValueError.
+WavKAN drops the wavelet branch's input only: ``dropout_placement="poly"`` here. Each WavKAN
+group has its own scales and translations ``(out_g, in_g)``; as every input channel belongs
+to one group, they stack along our basis' channel rows (``wavelet_groups = groups``: rows
+``g * in_g + i``), so grouped layers convert whatever their groups' wavelets.
 """
 from __future__ import annotations
 
@@ -24,15 +25,10 @@ from . import convert
 from .torch_conv_kan import norm_state_to_ours
 
 
-def _in_out(parts: list[Tensor], name: str, where: str) -> Tensor:
-    """Our ``(in, out)`` wavelet parameter from WavKAN's per-group ``(1, out, in, 1...)`` ones,
-    which must be equal."""
-    pairs = [part.reshape(part.shape[1:3]) for part in parts]
-    if any(not torch.equal(pair, pairs[0]) for pair in pairs[1:]):
-        raise ValueError(f"{where}: the groups' wavelet {name}s differ; only groups with equal "
-                         "scales and translations convert (our wavelet basis is shared by the "
-                         "groups)")
-    return pairs[0].t()
+def _in_out(parts: list[Tensor]) -> Tensor:
+    """Our ``(groups * in, out)`` wavelet parameter from WavKAN's per-group ``(1, out, in,
+    1...)`` ones: group ``g``'s transposed block at rows ``g * in ..``."""
+    return torch.cat([part.reshape(part.shape[1:3]).t() for part in parts])
 
 
 def _wavelet_weight(wavelet_conv: nn.Module, ndim: int) -> Tensor:
@@ -54,15 +50,16 @@ def convert_wavkan_conv(module: nn.Module) -> KANConv:
     groups, n = module.groups, module.outdim // module.groups
     ours = create_kan_conv(
         "wavkan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **convert._geometry(module), wavelet=module.wavelet_type, n_wavelets=n, norm=norm,
-        affine=affine, base_activation=convert._activation_name(module.base_activation, name),
+        **convert._geometry(module), wavelet=module.wavelet_type, n_wavelets=n,
+        wavelet_groups=groups, norm=norm, affine=affine,
+        base_activation=convert._activation_name(module.base_activation, name),
         dropout=convert._dropout(module), dropout_placement="poly")
     parts = module.wavelet_conv
     state = {
         "base_weight": torch.cat([conv.weight for conv in module.base_conv]),
         "basis_weight": torch.cat([_wavelet_weight(part, module.ndim) for part in parts]),
-        "basis.scale": _in_out([part.scale for part in parts], "scale", name),
-        "basis.translation": _in_out([part.translation for part in parts], "translation", name),
+        "basis.scale": _in_out([part.scale for part in parts]),
+        "basis.translation": _in_out([part.translation for part in parts]),
         **norm_state_to_ours(module.state_dict(), groups),
     }
     ours.load_state_dict(state)

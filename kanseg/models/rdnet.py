@@ -3,7 +3,8 @@ convolutions), any KAN family, 1D/2D/3D.
 
 A patchify stem, stages of dense blocks (depthwise 7x7 KAN conv, two 1x1 KAN convs, optional
 effective squeeze-excitation, layer scale; outputs concatenated), 1x1 or strided 2x2 KAN
-transitions that compress the channels, and a LayerNorm + linear head. Every KAN conv is
+transitions that compress the channels, optionally a self-KAN-attention after each stage
+(torch-conv-kan's ``post_block_attention``), and a LayerNorm + linear head. Every KAN conv is
 followed by a LayerNorm over its channels (timm's ``LayerNorm2d``) and SiLU.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kanseg.layers import LAYER_OPTIONS, create_activation, create_basis, create_kan_conv
+from kanseg.layers.attention import KANSelfAttention
 from kanseg.layers.errors import OptionError, UnknownOptionError
 from kanseg.layers.factories import conv_function, create_dropout, to_tuple
 
@@ -113,6 +115,18 @@ class _KANUnits:
     def finish(self, conv: nn.Module, channels: int) -> nn.Sequential:
         return nn.Sequential(conv, ChannelLayerNorm(channels), create_activation(self.activation))
 
+    def attention(self, channels: int, inner_scale: float) -> KANSelfAttention:
+        """torch-conv-kan's post-block attention: 1x1 projections to ``channels / inner_scale``
+        (rounded down), 3x3 units as q, k and v, a channel LayerNorm after the residual."""
+        inner = int(channels / inner_scale) if inner_scale > 0 else 0
+        if inner < 1:
+            raise OptionError("attention_inner_scale", f"attention_inner_scale={inner_scale!r} "
+                              f"must be > 0 and leave an inner channel of the {channels}")
+        return KANSelfAttention(
+            channels, self.spatial_dims, self.family, inner_channels=inner,
+            norm="channel_layer", recompute=self.options.get("recompute", True),
+            qkv=lambda width: self(width, width, 3, padding=1))
+
 
 class EffectiveSE(nn.Module):
     """Effective squeeze-excitation: ``x * hardsigmoid(fc(mean(x)))`` with a KAN unit ``fc``."""
@@ -157,6 +171,9 @@ class RDNet(HeadMixin, nn.Module):
     stage but the first starts with a KAN transition to ``transition_compression_ratio`` of
     the channels (rounded down to a multiple of 8), a strided 2x2 one where ``downsample[i]``.
     ``ese[i]`` adds effective squeeze-excitation to the blocks of stage ``i``.
+    ``post_block_attention`` ends every stage with a :class:`KANSelfAttention` whose q, k and v
+    are 3x3 KAN units and whose inner width is the stage's channels divided by
+    ``attention_inner_scale`` (torch-conv-kan's ``inner_projection_attention_scale``).
     ``bottleneck_convs`` (the default, as torch-conv-kan's ``is_bottleneck``; ``bottleneck``:
     its deprecated name) makes every KAN conv but the depthwise ones a bottleneck conv.
     ``reference_depthwise=True`` uses torch-conv-kan's degree-major depthwise layout
@@ -185,6 +202,8 @@ class RDNet(HeadMixin, nn.Module):
         dropout_linear: float = 0.0,
         head_type: str | None = "Linear",
         reference_depthwise: bool = False,
+        post_block_attention: bool = False,
+        attention_inner_scale: float = 1.0,
         **family_options: Any,
     ):
         super().__init__()
@@ -225,6 +244,8 @@ class RDNet(HeadMixin, nn.Module):
                            bottleneck_width_ratio, ese[i], ls_init_value, reference_depthwise)
                 for j in range(num_blocks[i])))
             channels += num_blocks[i] * growth_rates[i]
+            if post_block_attention:
+                parts.append(units.attention(channels, attention_inner_scale))
             self.stages.append(nn.Sequential(*parts))
         self.feature_channels.append(channels)
         self.feature_strides.append(stride)

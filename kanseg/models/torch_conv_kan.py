@@ -1,5 +1,5 @@
-"""Import and export torch-conv-kan VGG-KAGN checkpoints (``config.json`` + ``model.safetensors``),
-and import its ResKANet / MoEResKANet state dicts.
+"""Import and export torch-conv-kan VGG-KAGN checkpoints (``config.json`` + ``model.safetensors``;
+import also its VGGKALN and MoE VGG ones), and import its ResKANet / MoEResKANet state dicts.
 
 torch-conv-kan keeps one module per group (``base_conv.{g}``, ``layer_norm.{g}``,
 ``inner_proj.{g}``, ``out_proj.{g}``) and stacks the Gram basis degree-major inside a group
@@ -290,7 +290,9 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
     the ``config.json`` beside it or ``config``), or a HuggingFace hub repo id such as
     ``brivangl/vgg_kagn11_v2``. The layout is read off the keys: ``layer1.*`` keys make a
     ResKANet / MoEResKANet (:func:`reskanet_from_state_dict`), anything else a VGG
-    (:func:`vgg_from_state_dict`). Returns the model in eval mode.
+    (:func:`vgg_from_state_dict`: VGGKAGN, VGGKAGN_BN, MoEVGGKAGN, MoE_VGGKAGN_BN and VGGKALN,
+    ``sa`` types, ``last_attention``, L1 wrappers and Linear / VGG / Matryoshka heads
+    included). Returns the model in eval mode.
     """
     found_config, weights = _resolve(path_or_repo_id)
     config = config if config is not None else found_config
@@ -306,16 +308,41 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
         raise CheckpointError(f"{weights}: {err}") from None
 
 
+#: torch-conv-kan VGG heads of KAN layers: theirs use GELU (``mlp_kagn`` / ``mlp_kaln``), ours SiLU
+_KAN_HEADS = ("KAN", "HiddenKAN", "KANtryoshka")
+
+
+def vgg_key_to_ours(key: str) -> str:
+    """A torch-conv-kan VGG state-dict key -> ours: L1 wrappers (``features.<i>.module.``,
+    ``l1_decay > 0``) dropped, MatryoshkaHead's ``nesting_classifier_<i>`` ->
+    ``classifiers.<i>``."""
+    key = re.sub(r"^(features\.\d+)\.module\.", r"\1.", key)
+    return re.sub(r"^(classifier\.\d+)\.nesting_classifier_(\d+)\.", r"\1.classifiers.\2.", key)
+
+
+def _vgg_key_to_theirs(key: str) -> str:
+    """Our VGG head key -> torch-conv-kan's (MatryoshkaHead's layer names)."""
+    return re.sub(r"^(classifier\.\d+)\.classifiers\.(\d+)\.", r"\1.nesting_classifier_\2.", key)
+
+
 def vgg_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -> VGGKAN:
-    """Our VGG-KAN for a torch-conv-kan VGG-KAGN ``config`` with the weights of its
-    ``state_dict`` (strict: :class:`CheckpointError` lists what does not match). BatchNorm is
-    inferred from ``running_mean`` keys, bottleneck layers from ``inner_proj``/``out_proj``
-    keys, mixtures of experts (its MoE VGGs) from ``w_gate`` keys."""
-    batch_norm = any(k.endswith("running_mean") for k in state_dict)
-    bottleneck = any(".out_proj." in k for k in state_dict)  # attention has inner_proj too
-    moe = any(k.endswith(".w_gate") for k in state_dict)
-    model = model_from_config(config, batch_norm, bottleneck, moe)
-    model.load_state_dict(convert_state_dict(state_dict, model), strict=True)
+    """Our VGG-KAN for a torch-conv-kan VGG ``config`` (VGGKAGN, VGGKAGN_BN, MoEVGGKAGN,
+    MoE_VGGKAGN_BN, VGGKALN) with the weights of its ``state_dict`` (strict:
+    :class:`CheckpointError` lists what does not match; keys as :func:`vgg_key_to_ours`).
+    BatchNorm is inferred from ``running_mean`` keys, bottleneck layers from
+    ``inner_proj``/``out_proj`` keys, mixtures of experts (its MoE VGGs) from ``w_gate`` keys,
+    KALN convs (VGGKALN) from the absence of ``beta_weights``. KAN heads are refused."""
+    if config.get("head_type", "Linear") in _KAN_HEADS:
+        raise CheckpointError(f"config.json: head_type={config['head_type']!r} does not load: "
+                              "torch-conv-kan builds its KAN head layers with GELU, ours use "
+                              "SiLU (heads that load: Linear, VGG, Matryoshka, none)")
+    state = {vgg_key_to_ours(k): v for k, v in state_dict.items()}
+    batch_norm = any(k.endswith("running_mean") for k in state)
+    bottleneck = any(".out_proj." in k for k in state)  # attention has inner_proj too
+    moe = any(k.endswith(".w_gate") for k in state)
+    family = "kagn" if any(k.endswith("beta_weights") for k in state) else "kaln"
+    model = model_from_config(config, batch_norm, bottleneck, moe, family=family)
+    model.load_state_dict(convert_state_dict(state, model), strict=True)
     return model
 
 
@@ -339,7 +366,14 @@ def _reskanet_key(key: str) -> str:
         stage, block, conv, rest = match.groups()
         where = "shortcut" if conv == "downsample" else f"body.{int(conv[-1]) - 1}"
         return f"stages.{int(stage) - 1}.{block}.{where}.{rest}"
+    key = re.sub(r"^hidden_layer\.(?:module\.)?", "hidden.", key)
     return re.sub(r"^fc\.", "head.1.", re.sub(r"^conv1\.(?:module\.)?", "stem.", key))
+
+
+def conv_overrides(network: dict[str, Any], conv: dict[str, Any]) -> dict[str, Any] | None:
+    """The options of ``conv`` that differ from the ``network``'s (None: none), for
+    ResKANet's ``stem_options`` / ``pointwise_options``."""
+    return {k: v for k, v in conv.items() if network.get(k) != v} or None
 
 
 def reskanet_model(layers: tuple[int, ...], block: str, **options: Any) -> ResKANet:
@@ -353,13 +387,26 @@ def reskanet_model(layers: tuple[int, ...], block: str, **options: Any) -> ResKA
     return create_model(name, layers=layers, block=block, style="torch_conv_kan", **options)
 
 
-def reskanet_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -> ResKANet:
-    """Our ResKANet for a state dict of torch-conv-kan's ``ResKANet`` / ``MoEResKANet`` of KAGN
-    (plain or bottleneck) or KALN convs, with its weights (strict: :class:`CheckpointError`).
-    Layout, family, degree, norm, widths, groups and experts are read off the keys and shapes;
-    ``config`` (their constructor's keyword arguments) gives what these do not record:
-    ``fcnv_stride`` and ``use_first_maxpool`` (required), ``k`` and ``noisy_gating`` (MoE;
-    default 2 and true), ``dropout`` and ``dropout_linear``."""
+def _state_conv_options(state: dict[str, Tensor], prefix: str) -> dict[str, Any]:
+    """family, degree, norm, affine and bottleneck_convs of the KAGN / KALN conv (plain,
+    bottleneck, or a mixture of either) whose keys start with ``prefix``."""
+    if prefix + "experts.0.base_conv.0.weight" in state:  # MoE of whole convs
+        prefix += "experts.0."
+    base, poly = state.get(prefix + "base_conv.0.weight"), state.get(prefix + "poly_weights")
+    beta = state.get(prefix + "beta_weights", state.get(prefix + "experts.experts.0.beta_weights"))
+    if base is None or (poly is None and beta is None):
+        raise CheckpointError(f"not a ResKANet of KAGN or KALN convs (no {prefix}base_conv.0 or "
+                              f"{prefix}poly_weights)")
+    return dict(family="kaln" if beta is None else "kagn",
+                degree=poly.shape[2] // base.shape[1] - 1 if beta is None else len(beta) - 1,
+                norm="batch" if prefix + "layer_norm.0.running_mean" in state else "instance",
+                affine=prefix + "layer_norm.0.weight" in state,
+                bottleneck_convs=prefix + "inner_proj.0.weight" in state)
+
+
+def _reskanet_config_options(config: dict[str, Any]) -> dict[str, Any]:
+    """Our options from what a ResKANet ``config`` gives and its state dict does not record
+    (:class:`CheckpointError` for unknown or missing keys)."""
     unknown = sorted(set(config) - _RESKANET_KEYS)
     if unknown:
         raise CheckpointError(f"config has keys {unknown} that torch-conv-kan's ResKANet does "
@@ -368,46 +415,79 @@ def reskanet_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, An
     if missing:
         raise CheckpointError(f"config must give {missing}: a ResKANet state dict does not "
                               "record its stem stride and max-pool")
-    if (config.get("hidden_layer_dim") is not None or config.get("width_per_group", 64) != 64
-            or any(config.get("replace_stride_with_dilation") or ())):
-        raise CheckpointError("ResKANets with a hidden layer, width_per_group != 64 or dilation "
-                              "do not load")
-    if any(k.endswith("experts.w_gate") for k in state_dict):
-        raise CheckpointError("MoE bottleneck-KAGN ResKANets (reskagnetbn_moe_*) do not load: "
-                              "their blocks mix KAGN and KALN convs and norms")
+    dilation = config.get("replace_stride_with_dilation") or (False, False, False)
+    return dict(stem_stride=config["fcnv_stride"], first_maxpool=config["use_first_maxpool"],
+                replace_stride_with_dilation=tuple(bool(f) for f in dilation),
+                dropout=config.get("dropout", 0.0),
+                dropout_linear=config.get("dropout_linear", 0.0))
+
+
+def _reskanet_hidden_dim(state: dict[str, Tensor], config: dict[str, Any]) -> int | None:
+    """The hidden layer's width, off the keys (MoEResKANet builds one for
+    ``hidden_layer_dim``; ResKANet ignores that key)."""
+    weight = state.get("hidden.base_conv.0.weight")
+    hidden = None if weight is None else weight.shape[0]
+    given = config.get("hidden_layer_dim")
+    if given is not None and hidden is not None and given != hidden:
+        raise CheckpointError(f"config gives hidden_layer_dim={given}, the state dict's hidden "
+                              f"layer has {hidden} channels")
+    return hidden
+
+
+def _width_per_group(state: dict[str, Tensor], width: int, groups: int) -> int:
+    """torch-conv-kan's ``width_per_group`` of a bottleneck ResKANet whose first stage has
+    ``width`` planes: the smallest giving its blocks' inner width."""
+    inner = state["stages.0.0.body.0.base_conv.0.weight"].shape[0] // groups
+    width_per_group = -(-64 * inner // width)
+    if int(width * width_per_group / 64) != inner:
+        raise CheckpointError(f"no width_per_group gives inner width {inner * groups} to "
+                              f"{width} planes and {groups} groups")
+    return width_per_group
+
+
+def reskanet_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -> ResKANet:
+    """Our ResKANet for a state dict of torch-conv-kan's ``ResKANet`` / ``MoEResKANet`` of KAGN
+    (plain or bottleneck) or KALN convs, mixtures of them (``reskagnetbn_moe_*`` included) and a
+    hidden layer, with its weights (strict: :class:`CheckpointError`). Layout, families,
+    degrees, norms, widths, ``width_per_group``, groups, experts and the hidden layer are read
+    off the keys and shapes; ``config`` (their constructor's keyword arguments) gives what these
+    do not record: ``fcnv_stride`` and ``use_first_maxpool`` (required), ``k`` and
+    ``noisy_gating`` (MoE; default 2 and true), ``replace_stride_with_dilation``, ``dropout``
+    and ``dropout_linear``."""
+    options = _reskanet_config_options(config)
     state = {_reskanet_key(k): v for k, v in state_dict.items()}
-    base, poly = state.get("stem.base_conv.0.weight"), state.get("stem.poly_weights")
-    if base is None or poly is None or "head.1.weight" not in state:
-        raise CheckpointError("not a ResKANet of KAGN or KALN convs (no conv1.base_conv.0, "
-                              "conv1.poly_weights or fc)")
+    if "head.1.weight" not in state:
+        raise CheckpointError("not a ResKANet (no fc.weight)")
+    stem = _state_conv_options(state, "stem.")
+    base = state["stem.base_conv.0.weight"]
     kernel = base.shape[-1]
     if config.get("fcnv_padding", kernel // 2) != kernel // 2:
         raise CheckpointError(f"only 'same' stem padding {kernel // 2} loads, got "
                               f"fcnv_padding={config['fcnv_padding']}")
-    beta = state.get("stem.beta_weights")
     kind = "bottleneck" if any(k.startswith("stages.0.0.body.2.") for k in state) else "basic"
     grouped = f"stages.0.0.body.{int(kind == 'bottleneck')}."  # the block's 3x3 conv
+    last = f"stages.0.0.body.{2 if kind == 'bottleneck' else 1}."
     group_key = re.compile(re.escape(grouped) + r"(?:experts\.0\.)?base_conv\.\d+\.weight")
-    num_classes, features = state["head.1.weight"].shape
-    options: dict[str, Any] = dict(
-        in_channels=base.shape[1], num_classes=num_classes,
-        width=features // (8 * EXPANSION[kind]), stem_width=base.shape[0],
-        stem_kernel_size=kernel, stem_stride=config["fcnv_stride"],
-        first_maxpool=config["use_first_maxpool"], family="kaln" if beta is None else "kagn",
-        degree=poly.shape[2] // base.shape[1] - 1 if beta is None else len(beta) - 1,
-        norm="batch" if "stem.layer_norm.0.running_mean" in state else "instance",
-        affine="stem.layer_norm.0.weight" in state,
-        bottleneck_convs="stem.inner_proj.0.weight" in state,
+    network = _state_conv_options(state, grouped)
+    width = state[last + "base_conv.0.weight"].shape[0] // EXPANSION[kind]
+    options.update(
+        in_channels=base.shape[1], num_classes=state["head.1.weight"].shape[0], width=width,
+        stem_width=base.shape[0], stem_kernel_size=kernel,
         groups=sum(bool(group_key.fullmatch(k)) for k in state),
-        dropout=config.get("dropout", 0.0), dropout_linear=config.get("dropout_linear", 0.0))
+        stem_options=conv_overrides(network, stem),
+        pointwise_options=conv_overrides(network, _state_conv_options(state, last)),
+        hidden_dim=_reskanet_hidden_dim(state, config), **network)
+    if kind == "bottleneck":
+        options["width_per_group"] = _width_per_group(state, width, options["groups"])
     gate = state.get(grouped + "w_gate")
     if gate is not None:
         options.update(moe_experts=gate.shape[1], moe_top_k=config.get("k", 2),
-                       moe_noisy_gating=config.get("noisy_gating", True))
+                       moe_noisy_gating=config.get("noisy_gating", True),
+                       moe_inner=grouped + "experts.w_gate" in state or None)
     layers = tuple(len({k.split(".")[2] for k in state if k.startswith(f"stages.{i}.")})
                    for i in range(4))
-    model = reskanet_model(layers, kind, **options)
-    model.load_state_dict(convert_state_dict(state, model, under=("stem", "stages.")))
+    model = reskanet_model(layers, kind, **{k: v for k, v in options.items() if v is not None})
+    model.load_state_dict(convert_state_dict(state, model, under=("stem", "stages.", "hidden")))
     return model
 
 
@@ -427,6 +507,9 @@ def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
     if full["bottleneck_convs"] and full["dim_reduction"] != 8:
         raise ValueError(f"torch-conv-kan bottleneck VGGs use dim_reduction=8, "
                          f"got {full['dim_reduction']!r}")
+    if full["head_type"] in _KAN_HEADS:
+        raise ValueError(f"head_type={full['head_type']!r} has no torch-conv-kan equivalent "
+                         "(its KAN head layers use GELU, ours SiLU)")
     return {
         "input_channels": full["in_channels"], "num_classes": full["num_classes"],
         "groups": full["groups"], "degree": full["degree"], "dropout": full["dropout"],
@@ -463,7 +546,8 @@ def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
         consumed |= {f"{name}.{k}" for k in local}
         mapped = _layer_to_theirs(local, module, module.groups)
         theirs.update({f"{name}.{k}": v.detach().clone() for k, v in mapped.items()})
-    theirs.update({k: v.detach().clone() for k, v in state.items() if k not in consumed})
+    theirs.update({_vgg_key_to_theirs(k): v.detach().clone() for k, v in state.items()
+                   if k not in consumed})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "model.safetensors",
@@ -477,5 +561,5 @@ __all__ = [
     "CheckpointError", "channel_major_to_degree_major", "convert_state_dict",
     "degree_major_to_channel_major", "load_torch_conv_kan", "model_from_config",
     "MOE_RESKANET_LOSS_COEF", "reskanet_from_state_dict", "reskanet_model", "save_torch_conv_kan",
-    "to_torch_conv_kan_config", "vgg_from_state_dict",
+    "to_torch_conv_kan_config", "vgg_from_state_dict", "vgg_key_to_ours",
 ]
