@@ -9,11 +9,8 @@ are recorded per case instead of stopping the evaluation.
 Empty masks follow the BraTS convention: both empty -> Dice 1, HD95 0; only one empty ->
 Dice 0, HD95 undefined (NaN, left out of the summary).
 
-Optionally (:class:`LesionRule`), the BraTS 2023+ lesion-wise Dice and HD95 of each label, as
-the challenge's evaluation code defines them: ground-truth lesions are the full-connectivity
-(26 in 3D) components of the mask, merged where their dilations touch; each is matched to the
-predicted components that overlap its dilation; lesions of at most ``min_volume`` are left
-out; predicted components matched to no lesion are false positives (Dice 0, HD95 374).
+Optionally (:class:`LesionRule`), the lesion-wise Dice and HD95 of each label as the official
+BraTS package, brats-evaluation 0.0.10 (panoptica 2.1), computes them: see :func:`lesion_metrics`.
 """
 from __future__ import annotations
 
@@ -25,14 +22,15 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import (DiceMetric, HausdorffDistanceMetric, compute_confusion_matrix_metric,
-                           compute_hausdorff_distance, get_confusion_matrix)
+                           get_confusion_matrix)
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from kanseg.data.config import BRATS_LAYOUTS, DataConfig
 from kanseg.data.layouts import BRATS_CLASSES, BRATS_REGIONS, NIFTI_SUFFIXES, label_spec, load_cases
@@ -47,6 +45,13 @@ CSV_COLUMNS = ("case", "label", "dice", "hd95", *CONFUSION_METRICS, "gt_voxels",
 LESION_COLUMNS = ("lesion_dice", "lesion_hd95", "lesions_gt", "lesions_tp", "lesions_fn",
                   "lesions_fp")
 OK = "ok"
+#: brats-evaluation's penalty HD95 (mm, the diameter of the SRI-24 atlas cube): a missed lesion
+#: or a false positive under the ``mets`` rules, and any region of a case without prediction
+BRATS_MAX_HD95 = 373.0
+#: what brats-evaluation's parsers score each region of a case that has no prediction
+MISSING_PREDICTION = {"lesion_dice": 0.0, "lesion_hd95": BRATS_MAX_HD95}
+#: panoptica's matching threshold in every bundled BraTS config: any overlap can match
+MATCH_MIN_DICE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -59,15 +64,18 @@ class EvalLabel:
 
 @dataclass(frozen=True)
 class LesionRule:
-    """BraTS 2023+ lesion-wise scoring; the defaults are BraTS-GLI's (official code)."""
+    """Which report of brats-evaluation 0.0.10 to reproduce (see :func:`lesion_metrics`).
 
-    dilation: int = 3  # iterations of an 18-connected (3D) dilation of each GT lesion
-    min_volume: float = 50.0  # GT lesions of at most this volume (spacing units³) are ignored
-    max_hd95: float = 374.0  # HD95 of a missed lesion or a false-positive component
+    ``"seg"`` is ``brats-parse-metrics seg`` (BraTS GLI, PED, MEN, MEN-RT, GoAT); ``"mets"`` is
+    ``brats-parse-metrics mets --vol_threshold <min_volume>`` (BraTS-METS).
+    """
+
+    rules: Literal["seg", "mets"] = "seg"
+    min_volume: float = 20.0  # mets: GT lesions below this volume (mm³) only count as detections
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dilation, int) or self.dilation < 0:
-            raise ValueError(f"lesion dilation must be an integer >= 0, got {self.dilation!r}")
+        if self.rules not in ("seg", "mets"):
+            raise ValueError(f"lesion rules must be 'seg' or 'mets', got {self.rules!r}")
         if not self.min_volume >= 0:
             raise ValueError(f"lesion min_volume must be >= 0, got {self.min_volume!r}")
 
@@ -187,22 +195,11 @@ def mask_metrics(pred: np.ndarray, label: np.ndarray, labels: Sequence[EvalLabel
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Full-connectivity components (26 in 3D, 8 in 2D) of a boolean mask, numbered 1..n."""
-    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
-
-
-def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """``iterations`` dilations with the 18-connected (3D) cross, as the BraTS code does."""
-    if iterations == 0:  # scipy reads 0 iterations as "until nothing changes"
-        return mask
-    return ndimage.binary_dilation(
-        mask, structure=ndimage.generate_binary_structure(mask.ndim, 2), iterations=iterations)
-
-
-def _grown(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    """``box`` widened by ``margin`` voxels on every side, clipped to ``shape``."""
-    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin))
-                 for b, n in zip(box, shape))
+    """Connected components numbered 1..n as panoptica finds them: cc3d's 26-connectivity in
+    3D, scipy's default 4-connectivity in 2D."""
+    connectivity = mask.ndim if mask.ndim >= 3 else 1
+    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim,
+                                                                          connectivity))
 
 
 def _union_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
@@ -211,59 +208,79 @@ def _union_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...]:
                  for i in range(len(boxes[0])))
 
 
+def _match_lesions(gt_cc: np.ndarray, n_gt: int, pred_cc: np.ndarray,
+                   n_pred: int) -> list[tuple[int, int, float]]:
+    """(GT lesion, predicted component, Dice) of the one-to-one matching that maximises the
+    summed Dice over pairs with Dice >= :data:`MATCH_MIN_DICE` (panoptica's
+    ``MaxBipartiteMatching`` by DSC; exact ties may resolve differently, as the component
+    numbering differs)."""
+    if not n_gt or not n_pred:
+        return []
+    both = (gt_cc > 0) & (pred_cc > 0)
+    (g, p), overlap = np.unique(np.stack([gt_cc[both], pred_cc[both]]), axis=1,
+                                return_counts=True)
+    dice = 2.0 * overlap / (np.bincount(gt_cc.ravel(), minlength=n_gt + 1)[g]
+                            + np.bincount(pred_cc.ravel(), minlength=n_pred + 1)[p])
+    keep = dice >= MATCH_MIN_DICE
+    score = np.zeros((n_gt, n_pred))
+    score[g[keep] - 1, p[keep] - 1] = dice[keep]
+    cost = np.where(score > 0, 1.0 - score, 1.0 + 1e-6)  # a non-pair costs more than any pair
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(r) + 1, int(c) + 1, float(score[r, c])) for r, c in zip(rows, cols)
+            if score[r, c] > 0]
+
+
 def _hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
-    """MONAI's symmetric 95th-percentile Hausdorff distance of two non-empty boolean masks."""
-    p, g = (torch.from_numpy(m[None, None]).float() for m in (pred, gt))
-    with warnings.catch_warnings():  # MONAI-internal deprecation notice
-        warnings.simplefilter("ignore", FutureWarning)
-        return float(compute_hausdorff_distance(p, g, include_background=True, percentile=95,
-                                                spacing=list(spacing)))
-
-
-def gt_lesions(gt: np.ndarray, dilation: int) -> tuple[np.ndarray, int]:
-    """Ground-truth lesions numbered 1..n: components of the mask whose dilations touch are
-    one lesion (components of the dilated mask, restricted to the mask)."""
-    merged, n = _components(_dilate(gt, dilation))
-    return np.where(gt, merged, 0), n
+    """panoptica's HD95 of two non-empty boolean masks: the 95th percentile of the border
+    distances of both directions pooled (MONAI's takes the larger directed percentile).
+    Borders are the voxels with a face neighbour outside the mask."""
+    cross = ndimage.generate_binary_structure(pred.ndim, 1)
+    pred_border, gt_border = (m ^ ndimage.binary_erosion(m, structure=cross) for m in (pred, gt))
+    to_gt = ndimage.distance_transform_edt(~gt_border, sampling=spacing)[pred_border]
+    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)[gt_border]
+    return float(np.percentile(np.concatenate([to_pred, to_gt]), 95))
 
 
 def lesion_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
                    rule: LesionRule) -> dict[str, float | int]:
-    """BraTS 2023+ lesion-wise Dice and HD95 of two boolean masks, with lesion counts.
+    """Lesion-wise Dice and HD95 of two boolean masks, with lesion counts, as brats-evaluation
+    0.0.10 computes them: panoptica 2.1 with its ``configs/config_gli.yaml`` (the instance
+    rules are the same in every bundled config), then ``brats-parse-metrics seg`` or ``mets``.
 
-    Score = sum over kept GT lesions / (kept GT lesions + false-positive components); a
-    missed lesion scores Dice 0 and HD95 ``rule.max_hd95``, as does each false positive.
-    Nothing to score (no kept lesion, no false positive) gives Dice 1 and HD95 0.
+    Lesions are the connected components of each mask (:func:`_components`; no dilation, no
+    merging, no size filter); GT lesions and predicted components are matched one-to-one
+    (:func:`_match_lesions`); a matched pair scores its Dice and HD95 (:func:`_hd95`);
+    unmatched GT lesions are false negatives, unmatched components false positives.
+
+    - ``seg``: means over the matched pairs (panoptica's ``sq_dsc`` / ``sq_hd95``); without
+      any match Dice 0 and HD95 inf, or NaN for both when both masks are empty.
+    - ``mets``: each GT lesion of volume >= ``rule.min_volume`` scores its Dice / HD95 (0 /
+      :data:`BRATS_MAX_HD95` when missed), as does each false positive (0 / 373); means over
+      these. NaN without a GT lesion of that volume.
     """
-    lesions, _ = gt_lesions(gt, rule.dilation)
+    gt_cc, n_gt = _components(gt)
     pred_cc, n_pred = _components(pred)
-    pred_boxes = ndimage.find_objects(pred_cc)
-    voxel_volume = float(np.prod(spacing))
-    matched_any: set[int] = set()
-    dice, hd, missed = [], [], 0
-    for k, box in enumerate(ndimage.find_objects(lesions), 1):
-        near = _grown(box, rule.dilation, gt.shape)
-        matched = set(np.unique(pred_cc[near][_dilate(lesions[near] == k, rule.dilation)]))
-        matched.discard(0)
-        matched_any |= matched
-        lesion_box = lesions[box] == k
-        if lesion_box.sum() * voxel_volume <= rule.min_volume:
-            continue
-        if not matched:
-            missed += 1
-            dice.append(0.0)
-            hd.append(rule.max_hd95)
-            continue
-        both = _union_box([box] + [pred_boxes[j - 1] for j in matched])
-        lesion, found = lesions[both] == k, np.isin(pred_cc[both], list(matched))
-        dice.append(2.0 * (lesion & found).sum() / (lesion.sum() + found.sum()))
-        hd.append(_hd95(found, lesion, spacing))
-    fp = n_pred - len(matched_any)
-    n = len(dice) + fp
-    return {"lesion_dice": float(sum(dice) / n) if n else 1.0,
-            "lesion_hd95": float((sum(hd) + fp * rule.max_hd95) / n) if n else 0.0,
-            "lesions_gt": len(dice), "lesions_tp": len(dice) - missed, "lesions_fn": missed,
-            "lesions_fp": fp}
+    pairs = _match_lesions(gt_cc, n_gt, pred_cc, n_pred)
+    gt_boxes, pred_boxes = ndimage.find_objects(gt_cc), ndimage.find_objects(pred_cc)
+    dice, hd = {}, {}
+    for g, p, d in pairs:
+        box = _union_box([gt_boxes[g - 1], pred_boxes[p - 1]])
+        dice[g], hd[g] = d, _hd95(pred_cc[box] == p, gt_cc[box] == g, spacing)
+    fp = n_pred - len(pairs)
+    if rule.rules == "seg":
+        if pairs:
+            scores = float(np.mean(list(dice.values()))), float(np.mean(list(hd.values())))
+        else:
+            scores = (math.nan, math.nan) if not (n_gt or n_pred) else (0.0, math.inf)
+    else:
+        volumes = np.bincount(gt_cc.ravel(), minlength=n_gt + 1) * float(np.prod(spacing))
+        large = [k for k in range(1, n_gt + 1) if volumes[k] >= rule.min_volume]
+        lesion_dice = [dice.get(k, 0.0) for k in large] + [0.0] * fp
+        lesion_hd = [hd.get(k, BRATS_MAX_HD95) for k in large] + [BRATS_MAX_HD95] * fp
+        scores = (float(np.mean(lesion_dice)), float(np.mean(lesion_hd))) if large \
+            else (math.nan, math.nan)
+    return {"lesion_dice": scores[0], "lesion_hd95": scores[1], "lesions_gt": n_gt,
+            "lesions_tp": len(pairs), "lesions_fn": n_gt - len(pairs), "lesions_fp": fp}
 
 
 def _as_labels(img: Any, path: Path) -> np.ndarray:
@@ -326,22 +343,37 @@ def evaluate_pair(pair: CasePair, labels: Sequence[EvalLabel],
 
 
 # ----------------------------------------------------------------------------- outputs
-def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
-    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+def _stats(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """Mean, std, median and count of the values that are not None or NaN; an infinite value
+    makes the mean infinite (as pandas aggregates brats-evaluation's reports) and the std
+    None."""
+    v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     if not len(v):
         return {"mean": None, "std": None, "median": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
-            "n": int(len(v))}
+    return {"mean": float(v.mean()), "std": float(v.std()) if np.isfinite(v).all() else None,
+            "median": float(np.median(v)), "n": int(len(v))}
+
+
+def _label_values(scored: Sequence[dict], name: str, metric: str,
+                  missing: int) -> list[float | None]:
+    """Per-case values of one label's metric, plus the :data:`MISSING_PREDICTION` score of
+    each of the ``missing`` cases without prediction for the lesion-wise metrics."""
+    values = [r[metric] for r in scored if r["label"] == name]
+    return values + [MISSING_PREDICTION[metric]] * missing if metric in MISSING_PREDICTION \
+        else values
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     """Per-label mean/std/median of Dice, HD95, IoU, precision, recall and specificity (and
-    lesion-wise Dice / HD95 where rows have them), case-level problems and the case ranking."""
+    lesion-wise Dice / HD95 where rows have them; there a case without prediction counts as
+    Dice 0 and HD95 373, as brats-evaluation counts it), case-level problems and the case
+    ranking."""
     scored = [r for r in rows if r.get("label")]
     names = list(dict.fromkeys(r["label"] for r in scored))
     metrics = [m for m in ("dice", "hd95", *CONFUSION_METRICS, "lesion_dice", "lesion_hd95")
                if any(m in r for r in scored)]
-    per_label = {n: {m: _stats(r[m] for r in scored if r["label"] == n) for m in metrics}
+    missing = sum(r["status"] == "missing prediction" for r in rows if not r.get("label"))
+    per_label = {n: {m: _stats(_label_values(scored, n, m, missing)) for m in metrics}
                  for n in names}
     case_dice: dict[str, list[float]] = {}
     for r in scored:

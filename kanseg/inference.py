@@ -100,7 +100,7 @@ def build_model(cfg: Any) -> nn.Module:
     return model
 
 
-def load_model(weights: str | Path, cfg: Any) -> nn.Module:
+def model_from_weights(weights: str | Path, cfg: Any) -> nn.Module:
     """Build the config's model and load ``weights`` (safetensors) into it, in eval mode."""
     from safetensors import SafetensorError
 
@@ -128,7 +128,7 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None,
 
     weights, cfg_path = find_checkpoint(checkpoint, config)
     cfg = load_config(cfg_path, list(overrides))
-    return cfg, load_model(weights, cfg)
+    return cfg, model_from_weights(weights, cfg)
 
 
 # ----------------------------------------------------------------------------- prediction

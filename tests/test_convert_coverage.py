@@ -12,9 +12,6 @@ from kanseg.models import convert
 from conftest import TCK, import_reference, import_reference_models
 
 KABN = "torch-conv-kan's Bernstein basis is all ones; ours is the Bernstein basis it intends"
-FASTKAN = ("layer-normalises the RBF input across features, with a biased base branch; our "
-           "fastkan basis normalises each channel over positions")
-BOTTLENECK_GRAM = "biased inner and outer projections; our bottleneck's have none"
 BASELINE = "an MNIST / CIFAR baseline classifier (models/baselines): no network here has its layout"
 PART = "a part of {}: converts with it, not alone"
 
@@ -22,8 +19,6 @@ PART = "a part of {}: converts with it, not alone"
 EXCEPTIONS: dict[str, str] = {
     **dict.fromkeys(["KABNConvNDLayer", "KABNConv1DLayer", "KABNConv2DLayer", "KABNConv3DLayer",
                      "BernsteinKANLayer", "KABN"], KABN),
-    **dict.fromkeys(["FastKANLayer", "FastKAN"], FASTKAN),
-    **dict.fromkeys(["BottleNeckGRAMLayer", "BottleNeckKAGN"], BOTTLENECK_GRAM),
     **dict.fromkeys([prefix + kind for prefix in ("Simple", "EightSimple")
                      for kind in ("Conv", "ConvKAN", "FastConvKAN", "ConvKALN", "ConvKACN",
                                   "ConvKAGN", "MoEConvKAGNBN", "ConvWavKAN")], BASELINE),
@@ -88,8 +83,6 @@ def test_every_reference_class_converts_or_is_a_documented_exception(reference_c
 
 REFUSED_CASES = {  # class -> constructor arguments
     "KABNConv2DLayer": (2, 2, 3), "BernsteinKANLayer": (4, 2, 2), "KABN": ([4, 2],),
-    "FastKANLayer": (4, 2), "FastKAN": ([4, 2],),
-    "BottleNeckGRAMLayer": (4, 2), "BottleNeckKAGN": ([4, 2],),
 }
 
 

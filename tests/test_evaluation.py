@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -27,11 +28,22 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
-    """Symmetric 95th-percentile surface distance by brute force over all point pairs."""
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each surface voxel of ``a`` to ``b``'s surface and back, by brute force
+    over all point pairs."""
     pa, pb = np.argwhere(_surface(a)) * spacing, np.argwhere(_surface(b)) * spacing
     d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
-    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+    return d.min(1), d.min(0)
+
+
+def _hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """MONAI's HD95: the larger of the two directed 95th percentiles."""
+    return max(np.percentile(d, 95) for d in _surface_distances(a, b, spacing))
+
+
+def _pooled_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """panoptica's HD95: the 95th percentile of both directions pooled."""
+    return float(np.percentile(np.concatenate(_surface_distances(a, b, spacing)), 95))
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -202,14 +214,6 @@ def test_undeclared_label_values_are_problems_and_nothing_scored_exits_1(tmp_pat
 
 # ----------------------------------------------------------------------------- lesion-wise
 NEIGHBOURS_26 = [d for d in itertools.product((-1, 0, 1), repeat=3) if any(d)]
-NEIGHBOURS_18 = [d for d in NEIGHBOURS_26 if sum(map(abs, d)) <= 2]
-
-
-def _neighbours(voxel, offsets, shape):
-    for d in offsets:
-        w = tuple(int(a + b) for a, b in zip(voxel, d))
-        if all(0 <= i < n for i, n in zip(w, shape)):
-            yield w
 
 
 def _ref_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -221,41 +225,59 @@ def _ref_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
         n += 1
         labels[start], stack = n, [start]
         while stack:
-            for w in _neighbours(stack.pop(), NEIGHBOURS_26, mask.shape):
-                if mask[w] and not labels[w]:
+            voxel = stack.pop()
+            for d in NEIGHBOURS_26:
+                w = tuple(int(a + b) for a, b in zip(voxel, d))
+                if all(0 <= i < k for i, k in zip(w, mask.shape)) and mask[w] and not labels[w]:
                     labels[w] = n
                     stack.append(w)
     return labels, n
 
 
-def _ref_dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """``iterations`` times: add every 18-neighbour of every mask voxel."""
-    for _ in range(iterations):
-        grown = mask.copy()
-        for v in np.argwhere(mask):
-            for w in _neighbours(v, NEIGHBOURS_18, mask.shape):
-                grown[w] = True
-        mask = grown
-    return mask
+def _ref_matching(gt_cc: np.ndarray, n_gt: int, pred_cc: np.ndarray,
+                  n_pred: int) -> list[tuple[int, int]]:
+    """The one-to-one matching of overlapping components with the largest summed Dice (then
+    the most pairs), by exhaustive search."""
+    dice = {(g, p): _dice(gt_cc == g, pred_cc == p) for g in range(1, n_gt + 1)
+            for p in range(1, n_pred + 1) if ((gt_cc == g) & (pred_cc == p)).any()}
+
+    def best(g: int, used: frozenset) -> tuple[tuple[float, int], list]:
+        if g > n_gt:
+            return (0.0, 0), []
+        options = [best(g + 1, used)]
+        for p in (p for (gg, p) in dice if gg == g and p not in used):
+            (total, n), pairs = best(g + 1, used | {p})
+            options.append(((total + dice[g, p], n + 1), [(g, p)] + pairs))
+        return max(options, key=lambda o: o[0])
+
+    return best(1, frozenset())[1]
 
 
-def _ref_lesion_wise(pred, gt, spacing, dilation, min_volume):
-    """The BraTS 2023 definition, one GT lesion and one predicted component at a time."""
-    merged, n_lesions = _ref_components(_ref_dilate(gt, dilation))
+def _ref_lesion_wise(pred, gt, spacing, rules="seg", min_volume=20.0):
+    """brats-evaluation's lesion-wise (Dice, HD95), one component pair at a time."""
+    gt_cc, n_gt = _ref_components(gt)
     pred_cc, n_pred = _ref_components(pred)
-    matched_any, dice, hd = set(), [], []
-    for k in range(1, n_lesions + 1):
-        lesion = gt & (merged == k)
-        matched = {int(c) for c in pred_cc[_ref_dilate(lesion, dilation)] if c}
-        matched_any |= matched
-        if lesion.sum() * np.prod(spacing) <= min_volume:
-            continue
-        found = np.isin(pred_cc, list(matched))
-        dice.append(_dice(found, lesion) if matched else 0.0)
-        hd.append(_hd95(found, lesion, spacing) if matched else 374.0)
-    fp = n_pred - len(matched_any)
-    n = len(dice) + fp
-    return (sum(dice) / n, (sum(hd) + 374.0 * fp) / n) if n else (1.0, 0.0)
+    pairs = _ref_matching(gt_cc, n_gt, pred_cc, n_pred)
+    scores = {g: (_dice(gt_cc == g, pred_cc == p),
+                  _pooled_hd95(pred_cc == p, gt_cc == g, np.array(spacing))) for g, p in pairs}
+    if rules == "seg":
+        if scores:
+            return tuple(np.mean(list(scores.values()), axis=0))
+        return (0.0, math.inf) if n_gt or n_pred else (math.nan, math.nan)
+    volume = np.prod(spacing)
+    large = [g for g in range(1, n_gt + 1) if (gt_cc == g).sum() * volume >= min_volume]
+    if not large:
+        return math.nan, math.nan
+    missed = (0.0, 373.0)
+    values = [scores.get(g, missed) for g in large] + [missed] * (n_pred - len(pairs))
+    return tuple(np.mean(values, axis=0))
+
+
+def _same(value: float, expected: float | None, tol: float) -> bool:
+    """Equal within ``tol``, with NaN (or None) equal to NaN and inf to inf."""
+    if expected is None or math.isnan(expected):
+        return value is None or math.isnan(value)
+    return value == pytest.approx(expected, abs=tol)
 
 
 def _blobs(rng, shape, n):
@@ -275,37 +297,48 @@ def _cube(shape, corner, size, value=1):
 
 
 def test_lesion_wise_by_hand():
-    shape, rule, unit = (24, 24, 24), LesionRule(dilation=3, min_volume=50), (1.0, 1.0, 1.0)
-    big = _cube(shape, (2, 2, 2), 4).astype(bool)  # 64 voxels: scored
+    shape, unit = (24, 24, 24), (1.0, 1.0, 1.0)
+    seg, mets = LesionRule(), LesionRule("mets", min_volume=50)
+    big = _cube(shape, (2, 2, 2), 4).astype(bool)  # 64 voxels
     other = _cube(shape, (14, 14, 14), 4).astype(bool)  # 64 voxels, far from `big`
-    tiny = _cube(shape, (2, 18, 2), 2).astype(bool)  # 8 voxels: ignored
+    tiny = _cube(shape, (2, 18, 2), 2).astype(bool)  # 8 voxels: below 50 mm³
     fp = _cube(shape, (18, 2, 18), 2).astype(bool)
-
-    perfect = lesion_metrics(big, big, unit, rule)
-    assert (perfect["lesion_dice"], perfect["lesion_hd95"]) == (1.0, 0.0)
-    missed_and_fp = lesion_metrics(fp, other, unit, rule)
-    assert (missed_and_fp["lesion_dice"], missed_and_fp["lesion_hd95"]) == (0.0, 374.0)
-    assert missed_and_fp["lesions_fn"] == missed_and_fp["lesions_fp"] == 1
-    mixed = lesion_metrics(big | fp, big | other, unit, rule)  # (1 + 0 + 0) / (2 GT + 1 FP)
-    assert mixed["lesion_dice"] == pytest.approx(1 / 3)
-    assert mixed["lesion_hd95"] == pytest.approx((0 + 374 + 374) / 3)
-    assert mixed["lesions_gt"] == 2 and mixed["lesions_tp"] == 1
-    for pred in (big, big | tiny):  # a tiny GT lesion, missed or found, changes nothing
-        scores = lesion_metrics(pred, big | tiny, unit, rule)
-        assert (scores["lesion_dice"], scores["lesion_hd95"]) == (1.0, 0.0)
-        assert scores["lesions_gt"] == 1 and scores["lesions_fp"] == 0
-    near = _cube(shape, (7, 2, 2), 2).astype(bool)  # 1 voxel gap: inside the dilation
-    scores = lesion_metrics(big | near, big, unit, rule)
-    assert scores["lesions_fp"] == 0 and scores["lesion_dice"] == pytest.approx(128 / 136)
     empty = np.zeros(shape, bool)
-    assert lesion_metrics(empty, empty, unit, rule)["lesion_dice"] == 1.0
-    assert lesion_metrics(fp, empty, unit, rule)["lesion_hd95"] == 374.0
-    with pytest.raises(ValueError, match="dilation"):
-        LesionRule(dilation=-1)
+
+    def scores(pred, gt, rule):
+        s = lesion_metrics(pred, gt, unit, rule)
+        return s["lesion_dice"], s["lesion_hd95"]
+
+    assert scores(big, big, seg) == scores(big, big, mets) == (1.0, 0.0)
+    assert scores(fp, other, seg) == (0.0, math.inf)  # no match at all
+    assert scores(fp, other, mets) == (0.0, 373.0)  # a missed lesion and a false positive
+    # seg averages the matched lesions only; mets adds the miss and the false positive
+    assert scores(big | fp, big | other, seg) == (1.0, 0.0)
+    assert scores(big | fp, big | other, mets) == pytest.approx((1 / 3, 2 * 373 / 3))
+    counts = lesion_metrics(big | fp, big | other, unit, seg)
+    assert [counts[k] for k in ("lesions_gt", "lesions_tp", "lesions_fn", "lesions_fp")] \
+        == [2, 1, 1, 1]
+    for pred in (big, big | tiny):  # below min_volume: neither the miss nor the find counts
+        assert scores(pred, big | tiny, mets) == (1.0, 0.0)
+    # one-to-one: of a lesion split in two, the better part matches, the other is a FP
+    half, slab = big.copy(), big.copy()
+    half[4:], slab[:5] = False, False  # 32 and 16 voxels, one slice apart
+    split = lesion_metrics(half | slab, big, unit, seg)
+    assert split["lesion_dice"] == pytest.approx(64 / 96) and split["lesions_fp"] == 1
+    assert scores(half | slab, big, mets)[0] == pytest.approx(64 / 96 / 2)
+    assert all(math.isnan(v) for v in scores(empty, empty, seg) + scores(empty, empty, mets))
+    assert scores(empty, big, seg) == (0.0, math.inf)
+    assert scores(empty, big, mets) == (0.0, 373.0)
+    assert scores(fp, empty, seg) == (0.0, math.inf)
+    assert all(math.isnan(v) for v in scores(fp, empty, mets))
+    diagonal = np.eye(4, dtype=bool)  # 2D: face connectivity, four lesions
+    assert lesion_metrics(diagonal, diagonal, (1.0, 1.0), seg)["lesions_gt"] == 4
+    with pytest.raises(ValueError, match="lesion rules must be 'seg' or 'mets'"):
+        LesionRule("brats2023")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("dilation,min_volume", [(0, 0.0), (1, 5.0), (2, 20.0)])
-def test_lesion_wise_matches_slow_reference_through_cli(tmp_path, dilation, min_volume):
+@pytest.mark.parametrize("rules,min_volume", [("seg", None), ("mets", 0.0), ("mets", 20.0)])
+def test_lesion_wise_matches_slow_reference_through_cli(tmp_path, rules, min_volume):
     pred_dir, label_dir, shape = tmp_path / "pred", tmp_path / "labels", (16, 14, 10)
     expected = {}
     for seed in range(3):
@@ -317,36 +350,54 @@ def test_lesion_wise_matches_slow_reference_through_cli(tmp_path, dilation, min_
         _save(label_dir / f"c{seed}.nii.gz", gt)
         _save(pred_dir / f"c{seed}.nii.gz", pred)
         for v in sorted((set(np.unique(gt)) | set(np.unique(pred))) - {0}):
-            expected[f"c{seed}", str(v)] = _ref_lesion_wise(pred == v, gt == v, SPACING,
-                                                             dilation, min_volume)
+            expected[f"c{seed}", str(v)] = _ref_lesion_wise(
+                pred == v, gt == v, SPACING, rules, 20.0 if min_volume is None else min_volume)
     out = tmp_path / "eval"
+    volume = [] if min_volume is None else ["--lesion-min-volume", str(min_volume)]
     assert main(["evaluate", "--pred", str(pred_dir), "--label", str(label_dir), "--output",
-                 str(out), "--no-plots", "--lesion-dilation", str(dilation),
-                 "--lesion-min-volume", str(min_volume)]) == 0
+                 str(out), "--no-plots", "--lesion-rules", rules, *volume]) == 0
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["case"], r["label"]) for r in rows} == set(expected)
     for r in rows:
         dice, hd = expected[r["case"], r["label"]]
-        assert float(r["lesion_dice"]) == pytest.approx(dice, abs=1e-6)
-        assert float(r["lesion_hd95"]) == pytest.approx(hd, abs=1e-4)
+        assert _same(float(r["lesion_dice"]), dice, 1e-6), r
+        assert _same(float(r["lesion_hd95"]), hd, 1e-4), r
     summary = json.loads((out / "summary.json").read_text())
     for name, stats in summary["labels"].items():
-        values = [float(r["lesion_dice"]) for r in rows if r["label"] == name]
-        assert stats["lesion_dice"]["mean"] == pytest.approx(np.mean(values))
+        values = [v for r in rows if r["label"] == name
+                  if not math.isnan(v := float(r["lesion_dice"]))]
+        assert _same(stats["lesion_dice"]["mean"], np.mean(values) if values else None, 1e-9)
 
 
-def test_lesion_wise_brats_regions_and_bad_option(tmp_path, capsys):
-    root, pred_dir = tmp_path / "brats", tmp_path / "pred"
+def test_lesion_wise_brats_regions_missing_cases_and_bad_options(tmp_path, capsys):
+    root, pred_dir, out = tmp_path / "brats", tmp_path / "pred", tmp_path / "eval"
     gt, pred = _toy_pair(0)
-    cid = "BraTS2021_00000"
-    for mod in ("t1", "t1ce", "t2", "flair", "seg"):
-        _save(root / cid / f"{cid}_{mod}.nii.gz", gt)
-    _save(pred_dir / f"{cid}.nii.gz", pred)
-    summary = evaluate(pred_dir, root, tmp_path / "eval", layout="brats2021", plots=False,
-                       progress=False, lesion_rule=LesionRule())
-    assert {"TC", "WT", "ET"} <= set(summary["labels"])
-    assert all("lesion_hd95" in s for s in summary["labels"].values())
+    ids = ("BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002")
+    for cid in ids:
+        for mod in ("t1", "t1ce", "t2", "flair", "seg"):
+            _save(root / cid / f"{cid}_{mod}.nii.gz", gt)
+    _save(pred_dir / f"{ids[0]}.nii.gz", pred)
+    _save(pred_dir / f"{ids[2]}.nii.gz", np.zeros_like(pred))  # ids[1]: no prediction
     assert main(["evaluate", "--pred", str(pred_dir), "--label", str(root), "--layout",
-                 "brats2021", "--output", str(tmp_path / "e2"), "--lesion-dilation", "-2"]) != 0
-    assert "lesion dilation must be an integer >= 0, got -2" in capsys.readouterr().err
+                 "brats2021", "--output", str(out), "--no-plots", "--brats-lesionwise"]) == 0
+    with open(out / "metrics.csv", newline="") as f:
+        rows = {(r["case"], r["label"]): r for r in csv.DictReader(f) if r["label"]}
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["labels"]) == ["NCR", "ED", "TC", "WT", "ET"]
+    for name, stats in summary["labels"].items():
+        found, empty = rows[ids[0], name], rows[ids[2], name]
+        assert (float(empty["lesion_dice"]), float(empty["lesion_hd95"])) == (0.0, math.inf)
+        # the case without prediction scores Dice 0 and HD95 373, as brats-evaluation's does
+        assert stats["lesion_dice"]["n"] == 3
+        assert stats["lesion_dice"]["mean"] == pytest.approx(float(found["lesion_dice"]) / 3)
+        assert stats["lesion_hd95"]["mean"] == math.inf and stats["lesion_hd95"]["std"] is None
+        assert stats["lesion_hd95"]["median"] == 373.0
+        assert stats["dice"]["n"] == 2  # the overlap metrics leave the missing case out
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(root), "--layout",
+                 "brats2021", "--output", str(out), "--lesion-min-volume", "5"]) != 0
+    assert "--lesion-min-volume 5.0 needs --lesion-rules mets" in capsys.readouterr().err
+    assert main(["evaluate", "--pred", str(pred_dir), "--label", str(root), "--layout",
+                 "brats2021", "--output", str(out), "--lesion-rules", "mets",
+                 "--lesion-min-volume", "-2"]) != 0
+    assert "lesion min_volume must be >= 0, got -2.0" in capsys.readouterr().err

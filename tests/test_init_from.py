@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from kanseg.cli import main
 from kanseg.engine.checkpoint import load_weights
@@ -59,3 +60,34 @@ def test_strict_init_names_the_differences(tmp_path, synth_root, capsys):  # noq
     assert code == 1
     err = capsys.readouterr().err
     assert "trainer.init_from" in err and "shape differs" in err
+
+
+def test_bad_init_sources_are_one_line_errors_and_nothing_is_unpickled(tmp_path, synth_root,
+                                                                      capsys):  # noqa: F811
+    config = tiny_config(tmp_path, synth_root, max_epochs=1)
+    marker = tmp_path / "unpickled"
+    pickled = tmp_path / "model.pt"
+    torch.save({"weight": _Marker(marker)}, pickled)
+    other = tmp_path / "other.safetensors"  # a run of another architecture
+    save_file({k: v.contiguous() for k, v in
+               create_model("monai_unet", spatial_dims=2, in_channels=1, out_channels=2,
+                            width=4, depth=2).state_dict().items()}, str(other))
+    cases = {tmp_path / "nowhere": "cannot read weights", pickled: "cannot read weights",
+             other: "none of its"}
+    for i, (source, expected) in enumerate(cases.items()):
+        code = main(["train", "--config", str(config), "--run-dir", str(tmp_path / f"r{i}"),
+                     "--init-from", str(source)])
+        err = capsys.readouterr().err
+        assert code == 1 and "trainer.init_from" in err and expected in err, err
+        assert str(source) in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+class _Marker:
+    """Unpickling this creates ``marker``: proof that a pickle was executed."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")

@@ -59,11 +59,23 @@ def test_conv_layers_convert_with_equal_outputs(tck, family, dims, norm_index):
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cls_name, args", [("GRAMLayer", (6, 4)), ("KALNLayer", (6, 4)),
-                                             ("ChebyKANLayer", (6, 4, 3)),
-                                             ("JacobiKANLayer", (6, 4, 3)), ("KANLayer", (6, 4)),
-                                             ("ReLUKANLayer", (6, 2, 2, 4))])
-def test_linear_layers_convert_with_equal_outputs(tck, cls_name, args):
+LINEAR_CASES = {  # class, constructor arguments (6 input features)
+    "GRAMLayer": ("GRAMLayer", (6, 4)), "KALNLayer": ("KALNLayer", (6, 4)),
+    "ChebyKANLayer": ("ChebyKANLayer", (6, 4, 3)), "JacobiKANLayer": ("JacobiKANLayer", (6, 4, 3)),
+    "KANLayer": ("KANLayer", (6, 4)), "ReLUKANLayer": ("ReLUKANLayer", (6, 2, 2, 4)),
+    "FastKANLayer": ("FastKANLayer", (6, 4, -1.5, 2.5, 6)),
+    "FastKANLayer-no-base": ("FastKANLayer", (6, 4, -2.0, 2.0, 8, False)),
+    "BottleNeckGRAMLayer": ("BottleNeckGRAMLayer", (6, 4)),  # inner width 4
+    "BottleNeckGRAMLayer-wide": ("BottleNeckGRAMLayer", (6, 20, 3, nn.SiLU, 2, 4)),  # inner 10
+    "GRAMLayer-gelu": ("GRAMLayer", (6, 4, 2, nn.GELU)),  # mlp_kagn's activation
+    "BottleNeckGRAMLayer-relu": ("BottleNeckGRAMLayer", (6, 4, 2, nn.ReLU)),
+    "KALNLayer-gelu": ("KALNLayer", (6, 4, 3, nn.GELU)),  # mlp_kaln's
+}
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+def test_linear_layers_convert_with_equal_outputs(tck, case):
+    cls_name, args = LINEAR_CASES[case]
     torch.manual_seed(0)
     ref = getattr(tck[1], cls_name)(*args)
     _randomise(ref)
@@ -74,15 +86,10 @@ def test_linear_layers_convert_with_equal_outputs(tck, cls_name, args):
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
-def test_linear_layer_activations_convert_or_are_refused(tck):
-    """KALNLayer's base activation (GELU in ``mlp_kaln``) converts; GRAMLayer applies its act to
-    the Gram basis too, where ours has SiLU built in, so another act is refused."""
-    torch.manual_seed(0)
-    ref = tck[1].KALNLayer(6, 4, 3, base_activation=nn.GELU).eval()
-    x = torch.randn(5, 6)
-    torch.testing.assert_close(convert_torch_conv_kan(ref)(x), ref(x), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="GRAMLayer: activation GELU does not convert"):
-        convert_torch_conv_kan(tck[1].GRAMLayer(6, 4, 3, act=nn.GELU))
+def test_linear_layer_activations_ours_lacks_are_refused(tck):
+    """An act our Gram basis cannot apply names the layer and the activation."""
+    with pytest.raises(ValueError, match="GRAMLayer: activation Tanh is not supported"):
+        convert_torch_conv_kan(tck[1].GRAMLayer(6, 4, 3, act=nn.Tanh))
 
 
 def test_unsupported_class_is_named():
@@ -129,7 +136,8 @@ def test_unequal_group_slopes_are_refused(tck):
         convert_torch_conv_kan(ref)
 
 
-@pytest.mark.parametrize("cls_name", ["KAGN", "KALN", "KACN", "KAJN", "KAN", "ReLUKAN"])
+@pytest.mark.parametrize("cls_name", ["KAGN", "BottleNeckKAGN", "KALN", "KACN", "KAJN", "KAN",
+                                      "FastKAN", "ReLUKAN"])
 def test_kan_networks_convert(tck, cls_name):
     """torch-conv-kan's KAN MLPs (dropout between layers, L1 wrappers) layer by layer."""
     torch.manual_seed(0)
@@ -159,6 +167,12 @@ VGG_CASES = {  # class, constructor options (beyond 3 inputs, 5 classes, pooled 
     "kaln-batch-vgg-head": ("VGGKALN", dict(vgg_type="VGG11", groups=2, degree=2,
                                             norm_layer=nn.BatchNorm2d, head_type="VGG")),
     "kagn-no-head": ("VGGKAGN", dict(vgg_type="VGG11v2", degree=1, head_type=None)),
+    # KAN heads: GELU KAN linear layers (mlp_kagn / mlp_kaln), our head_activation="gelu"
+    "kagn-kan-head": ("VGGKAGN", dict(vgg_type="VGG11", degree=2, head_type="KAN",
+                                      dropout_linear=0.1, l1_decay=0.01)),
+    "kaln-hidden-kan-head": ("VGGKALN", dict(vgg_type="VGG11", degree=2, head_type="HiddenKAN")),
+    "kagn-bn-kantryoshka-head": ("VGGKAGN_BN", dict(vgg_type="VGG11", degree=1,
+                                                    head_type="KANtryoshka", dropout_linear=0)),
 }
 
 
@@ -182,12 +196,26 @@ def test_vggs_convert_with_equal_outputs(tck_vggkan, case):
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
-def test_vggs_of_other_convs_and_kan_heads_are_refused(tck_vggkan):
+def test_moe_vgg_with_a_kan_head_converts(tck_vggkan):
+    """MoEVGGKAGN's head is a plain (GELU) KAN layer: ours leaves the ``moe_*`` options to the
+    convs."""
+    torch.manual_seed(0)
+    ref = tck_vggkan.MoEVGGKAGN(3, 5, degree=1, vgg_type="VGG11", head_type="HiddenKAN",
+                                expected_feature_shape=(1, 1), num_experts=2, k=1)
+    _randomise(ref)
+    ref.eval()
+    ours = convert_torch_conv_kan(ref)
+    assert ours.model_config["head_activation"] == "gelu"
+    head = ours.classifier[1]
+    assert isinstance(head, KANLinear) and isinstance(head.layer, KANConv)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_vggs_of_other_convs_are_refused(tck_vggkan):
     ref = tck_vggkan.VGGKACN(3, 5, degree=2, expected_feature_shape=(1, 1))
     with pytest.raises(ValueError, match=r"VGGKACN: no conversion; .*VGGKAGN, VGGKAGN_BN"):
-        convert_torch_conv_kan(ref)
-    ref = tck_vggkan.VGGKAGN(3, 5, degree=1, expected_feature_shape=(1, 1), head_type="KAN")
-    with pytest.raises(ValueError, match=r"VGGKAGN: head KAN does not convert .*GELU"):
         convert_torch_conv_kan(ref)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kanseg.layers import KANLinear
+from kanseg.layers import KANLinear, OptionError
 from kanseg.models import convert_torch_conv_kan, create_model
 from kanseg.models.heads import HEAD_TYPES, MatryoshkaLinear, create_head
 
@@ -140,3 +140,29 @@ def test_reference_matryoshka_head_converts(efficient):
     x = torch.randn(3, 16)
     for a, b in zip(ours(x), reference(x)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, basis_activation", [("kagn", "gelu"), ("kaln", None)])
+def test_head_activation_reaches_every_kan_activation(family, basis_activation):
+    """``head_activation`` sets the KAN head layers' base and output activations and, for the
+    Gram basis, the activation it applies to its polynomials (torch-conv-kan's GELU heads)."""
+    head = create_head("HiddenKAN", 20, 3, family=family, degree=2, head_activation="gelu")
+    layer = head[1].layer
+    assert type(layer.base_activation) is nn.GELU and type(layer.act) is nn.GELU
+    assert getattr(layer.basis, "basis_activation", None) == basis_activation
+    default = create_head("HiddenKAN", 20, 3, family=family, degree=2)[1].layer
+    assert type(default.act) is nn.SiLU
+
+
+def test_vgg_head_activation_and_plain_kan_heads_of_moe_vggs():
+    model = create_model("vgg_kan", num_classes=3, head_type="KAN", head_activation="gelu",
+                         moe_experts=2, moe_top_k=1, **BACKBONES["vgg_kan"])
+    head = model.get_classifier()[1]
+    assert isinstance(head, KANLinear) and type(head.layer.act) is nn.GELU
+    assert head.layer.basis.basis_activation == "gelu"
+    assert not any("experts" in name for name, _ in head.named_modules())
+    assert model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    with pytest.raises(OptionError, match="head_activation must be .* got 'tanh'") as err:
+        create_model("vgg_kan", num_classes=3, head_type="KAN", head_activation="tanh",
+                     **BACKBONES["vgg_kan"])
+    assert err.value.key == "head_activation"

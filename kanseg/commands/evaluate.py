@@ -11,7 +11,7 @@ examples:
   kanseg evaluate --pred pred/ --label labels/ --output eval/
   kanseg evaluate --pred pred/ --label demo_data/synth --layout brats2021 --output eval/
   kanseg evaluate --pred pred/ --label labelsTr/ --config runs/msd/config.yaml --output eval/
-  kanseg evaluate --pred pred/ --label demo_data/synth --layout brats2021 --output eval/ --lesion-wise
+  kanseg evaluate --pred pred/ --label brats/ --layout brats2023 --output eval/ --brats-lesionwise
 
 Cases are matched by name: PRED/<case>.nii.gz with LABEL/<case>.nii.gz, or with the cases of
 the dataset root LABEL in --layout (then images are used as overlay backgrounds). Scored
@@ -21,12 +21,15 @@ status), OUTPUT/summary.json (mean/std/median per label, problems), OUTPUT/boxpl
 OUTPUT/overlays/{worst,best}N_<case>.png. Missing or mismatched cases, and label values
 outside the declared labels, are listed per case; the exit code is 1 when no case was scored.
 
---lesion-wise adds the BraTS 2023+ ranking metrics per label (lesion_dice, lesion_hd95 and
-lesion counts in metrics.csv and summary.json): ground-truth lesions are 26-connected
-components merged where their --lesion-dilation dilations touch; each is matched to the
-predicted components overlapping its dilation; lesions of at most --lesion-min-volume (mm³)
-are ignored; unmatched predicted components count as false positives (Dice 0, HD95 374).
-Defaults are those of BraTS-GLI 2023 (dilation 3, 50 mm³); BraTS-MET uses 1 and 2.
+--brats-lesionwise (or --lesion-wise) adds the lesion-wise Dice / HD95 per label of the
+official BraTS package brats-evaluation 0.0.10 (lesion_dice, lesion_hd95, lesions_gt/tp/fn/fp
+in metrics.csv, means in summary.json): lesions are the 26-connected components of each mask,
+matched one-to-one to the predicted components by the largest total Dice of overlapping pairs.
+--lesion-rules seg (default; BraTS GLI, PED, MEN, GoAT) averages over matched lesions only; no
+match gives Dice 0 and HD95 inf, both masks empty NaN. --lesion-rules mets (BraTS-METS)
+averages over the GT lesions of at least --lesion-min-volume mm³ (default 20; missed: Dice 0,
+HD95 373) and the false positives (0, 373); NaN without such a lesion. Summary means skip NaN
+and count a case without prediction as Dice 0, HD95 373.
 """
 
 
@@ -44,12 +47,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path,
                    help="config (e.g. the run's config.yaml) whose data section names the labels")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    p.add_argument("--lesion-wise", action="store_true",
-                   help="add BraTS 2023+ lesion-wise Dice / HD95 per label")
-    p.add_argument("--lesion-dilation", type=int,
-                   help="dilation iterations that merge and match lesions (default: 3)")
+    p.add_argument("--brats-lesionwise", "--lesion-wise", dest="lesion_wise",
+                   action="store_true",
+                   help="add brats-evaluation's lesion-wise Dice / HD95 per label")
+    p.add_argument("--lesion-rules", choices=("seg", "mets"),
+                   help="brats-evaluation report to follow (default: seg; mets for BraTS-METS)")
     p.add_argument("--lesion-min-volume", type=float,
-                   help="ignore GT lesions of at most this volume in mm³ (default: 50)")
+                   help="with --lesion-rules mets: GT lesions below this volume in mm³ only "
+                        "count as detections (default: 20)")
     p.set_defaults(func=run)
 
 
@@ -61,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         from ..config import load_config
 
         data_cfg = load_config(args.config, validate_model=False).data
-    rule_args = {k: v for k, v in (("dilation", args.lesion_dilation),
+    if args.lesion_min_volume is not None and args.lesion_rules != "mets":
+        raise ValueError(f"--lesion-min-volume {args.lesion_min_volume} needs --lesion-rules "
+                         f"mets (the seg rules score every lesion)")
+    rule_args = {k: v for k, v in (("rules", args.lesion_rules),
                                    ("min_volume", args.lesion_min_volume)) if v is not None}
     lesion_rule = LesionRule(**rule_args) if args.lesion_wise or rule_args else None
     summary = evaluate(args.pred, args.label, args.output, layout=args.layout,

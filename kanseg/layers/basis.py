@@ -220,20 +220,50 @@ class RecurrenceBasis(PolynomialBasis):
         return vjp
 
 
+#: activations the Gram basis may apply to its polynomials (``basis_activation``)
+GRAM_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu,
+                                                           "relu": F.relu}
+
+
 @register_basis("kagn")
 class GramBasis(RecurrenceBasis):
     """Gram polynomials of ``tanh(x)`` with learnable recurrence weights ``beta``.
 
     P0 = 1, P1 = t, P_{n} = t P_{n-1} - beta(n-1, n) P_{n-2}, with
-    beta(n, m) = w_n * (m + n)(m - n) n^2 / (m^2 / (4 n^2 - 1)); the basis is SiLU(P).
+    beta(n, m) = w_n * (m + n)(m - n) n^2 / (m^2 / (4 n^2 - 1)); the basis is SiLU(P), or
+    ``basis_activation``(P) (torch-conv-kan's ``GRAMLayer`` applies its ``act``, GELU in
+    ``mlp_kagn``; other than SiLU, autograd differentiates the basis).
     """
 
     silu_output = True
 
-    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9):
+    def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9,
+                 basis_activation: str = "silu"):
         super().__init__(in_channels, degree, kernel_numel)
+        if basis_activation not in GRAM_ACTIVATIONS:
+            raise OptionError("basis_activation", f"basis_activation must be one of "
+                              f"{sorted(GRAM_ACTIVATIONS)}, got {basis_activation!r}")
+        self.basis_activation = basis_activation
+        self.silu_output = basis_activation == "silu"
         std = 1.0 / (kernel_numel * in_channels * (degree + 1.0))
         self.beta_weights = nn.Parameter(torch.randn(degree + 1) * std)
+
+    def terms(self, x: Tensor) -> list[Tensor]:
+        polys = super().terms(x)
+        if self.silu_output:
+            return polys
+        return [GRAM_ACTIVATIONS[self.basis_activation](p) for p in polys]
+
+    def expand_into(self, x: Tensor, out: Tensor) -> None:
+        super().expand_into(x, out)
+        if not self.silu_output:
+            out.copy_(GRAM_ACTIVATIONS[self.basis_activation](out))
+
+    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
+        if not self.silu_output:
+            return None  # autograd differentiates terms()
+        return super().expand_with_vjp(x, out, params)
 
     def recurrence(self, params: list[Tensor], like: Tensor
                    ) -> tuple[list[float], list[float], Tensor]:
@@ -397,37 +427,58 @@ class BernsteinBasis(PolynomialBasis):
         return vjp
 
 
+#: how the Gaussian RBF basis normalises its input (``input_norm``)
+RBF_INPUT_NORMS = ("instance", "channel_layer")
+
+
 @register_basis("fastkan")
 class GaussianRBFBasis(Basis):
     """Gaussian radial basis exp(-((z - g_j) / h)^2) on ``grid_size`` points of ``grid_range``.
 
-    ``z`` is ``x`` instance-normalised (per sample and channel, no affine), as torch-conv-kan's
-    FastKAN normalises its input; ``h`` defaults to the grid spacing. FastKAN layers have no
-    output norm or activation by default. Analytic VJP through the Gaussians and the norm.
+    ``z`` is ``x`` normalised as ``input_norm`` says: ``"instance"`` (per sample and channel
+    over positions, no affine), as torch-conv-kan's FastKAN convs normalise their input, or
+    ``"channel_layer"`` (a LayerNorm across the channels of each group at every position,
+    with per-channel scale and shift), as its ``FastKANLayer`` does. ``h`` defaults to the grid
+    spacing. FastKAN layers have no output norm or activation by default. Analytic VJP through
+    the Gaussians and the instance norm; autograd through the channel LayerNorm.
     """
 
     layer_defaults = {"norm": "none", "activation": None}
 
     def __init__(self, in_channels: int, kernel_numel: int = 9, grid_size: int = 8,
                  grid_range: Sequence[float] = (-2.0, 2.0), denominator: float | None = None,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, input_norm: str = "instance"):
         super().__init__()
         lo, hi = _check_grid(grid_size, grid_range, minimum=2)
+        if input_norm not in RBF_INPUT_NORMS:
+            raise OptionError("input_norm", f"input_norm must be one of {RBF_INPUT_NORMS}, "
+                              f"got {input_norm!r}")
         self.n_basis = grid_size
         self.denominator = float(denominator) if denominator else (hi - lo) / (grid_size - 1)
         self.eps = eps
         self.grid_range = (lo, hi)
+        self.input_norm = input_norm
+        if input_norm == "channel_layer":
+            self.layer_norm = nn.LayerNorm(in_channels, eps=eps)
 
     def grid(self, like: Tensor) -> Tensor:
         """The ``grid_size`` centres in ``like``'s dtype and device, shaped ``(1, 1, n, 1...)``."""
         grid = torch.linspace(*self.grid_range, self.n_basis, dtype=like.dtype, device=like.device)
         return grid.view((1, 1, -1) + (1,) * (like.dim() - 2))
 
+    def _channel_layer_norm(self, x: Tensor) -> Tensor:
+        """``x`` layer-normalised across the channels of each group at every position."""
+        channels_last = x.movedim(1, -1).unflatten(-1, (-1, self.layer_norm.normalized_shape[0]))
+        return self.layer_norm(channels_last).flatten(-2).movedim(-1, 1)
+
     def forward(self, x: Tensor) -> Tensor:
-        dims = tuple(range(2, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = (x - mean).square().mean(dim=dims, keepdim=True)
-        z = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.input_norm == "channel_layer":
+            z = self._channel_layer_norm(x)
+        else:
+            dims = tuple(range(2, x.dim()))
+            mean = x.mean(dim=dims, keepdim=True)
+            var = (x - mean).square().mean(dim=dims, keepdim=True)
+            z = (x - mean) * torch.rsqrt(var + self.eps)
         return torch.exp(-((z.unsqueeze(2) - self.grid(x)) / self.denominator).square())
 
     def _rbf_into(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
@@ -441,10 +492,15 @@ class GaussianRBFBasis(Basis):
         return z, inv_std
 
     def expand_into(self, x: Tensor, out: Tensor) -> None:
-        self._rbf_into(x, out)
+        if self.input_norm == "channel_layer":
+            out.copy_(self(x))
+        else:
+            self._rbf_into(x, out)
 
     def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
-                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]]:
+                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
+        if self.input_norm == "channel_layer":
+            return None  # autograd differentiates forward()
         z, inv_std = self._rbf_into(x, out)
 
         def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -630,8 +686,9 @@ def create_basis(family: str, in_channels: int, kernel_numel: int, **options) ->
 
 
 __all__ = [
-    "BASIS_REGISTRY", "WAVELETS", "Basis", "BernsteinBasis", "BSplineBasis", "ChebyshevBasis",
-    "GaussianRBFBasis", "GramBasis", "JacobiBasis", "LegendreBasis", "PolynomialBasis",
+    "BASIS_REGISTRY", "GRAM_ACTIVATIONS", "RBF_INPUT_NORMS", "WAVELETS", "Basis",
+    "BernsteinBasis", "BSplineBasis", "ChebyshevBasis", "GaussianRBFBasis", "GramBasis",
+    "JacobiBasis", "LegendreBasis", "PolynomialBasis",
     "RecurrenceBasis",
     "ReLUBumpBasis",
     "WaveletBasis", "basis_class", "create_basis", "register_basis",

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from .basis import basis_class
+from .bottleneck import KANBottleneckConv
 from .builder import create_kan_conv
 from .conv import KANConv
+from .errors import OptionError
 
 
 def _linear_norm(family: str, norm: str | None) -> str:
@@ -30,19 +32,36 @@ class KANLinear(nn.Module):
 
     ``norm`` defaults to ``"layer"`` (torch-conv-kan's LayerNorm) for families whose conv
     default is instance norm; ``options`` are the family and layer options of
-    :func:`kanseg.layers.create_kan_conv` (``degree``, ``base_activation``, ``dropout``...).
-    ``bias=True`` adds a learnt bias to the output (torch-conv-kan's ``ReLUKANLayer`` has one).
+    :func:`kanseg.layers.create_kan_conv` (``degree``, ``base_activation``, ``dropout``,
+    ``bottleneck``...). ``bias=True`` adds a learnt bias to the output (torch-conv-kan's
+    ``ReLUKANLayer`` has one; so has ``FastKANLayer``'s base branch). The fastkan basis
+    normalises its input across the features (``input_norm="channel_layer"``, torch-conv-kan's
+    ``FastKANLayer``): per-feature normalisation over positions needs positions.
+    ``projection_bias=True`` (with ``bottleneck=True``) gives the bottleneck's squeeze and
+    expand projections biases, as torch-conv-kan's ``BottleNeckGRAMLayer`` has.
     """
 
     def __init__(self, family: str, in_features: int, out_features: int,
-                 norm: str | None = None, bias: bool = False, **options):
+                 norm: str | None = None, bias: bool = False, projection_bias: bool = False,
+                 **options):
         super().__init__()
         if family == "fastkan":
-            raise ValueError("KANLinear: the fastkan basis normalises each channel over spatial "
-                             "positions, which a linear layer does not have; use another family")
+            input_norm = options.setdefault("input_norm", "channel_layer")
+            if input_norm != "channel_layer":
+                raise OptionError("input_norm", f"KANLinear: the fastkan basis needs "
+                                  f"input_norm='channel_layer' (across features), got "
+                                  f"{input_norm!r}: a linear layer has no positions to "
+                                  "normalise each feature over")
         self.in_features, self.out_features = in_features, out_features
-        self.layer: KANConv = create_kan_conv(family, 1, in_features, out_features, 1,
-                                              norm=_linear_norm(family, norm), **options)
+        self.layer: KANConv | KANBottleneckConv = create_kan_conv(
+            family, 1, in_features, out_features, 1, norm=_linear_norm(family, norm), **options)
+        if projection_bias:
+            if not isinstance(self.layer, KANBottleneckConv):
+                raise OptionError("projection_bias", "KANLinear: projection_bias=True needs a "
+                                  "bottleneck layer (bottleneck=True, no experts), got "
+                                  f"{type(self.layer).__name__}")
+            for projection in (self.layer.inner_proj, self.layer.out_proj):
+                projection.bias = nn.Parameter(torch.zeros(projection.out_channels))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:

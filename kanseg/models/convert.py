@@ -4,11 +4,14 @@ with the same weights (eval-mode outputs match; see ``tests/test_models_convert.
 Covered: the KAN convolutions of ``kan_convs/`` for KAGN (plain and bottleneck), KALN, KAJN,
 KACN (1D/2D/3D, groups, instance or batch norm, affine or not), FastKAN (its default input
 norm), KAN B-splines (equal per-group PReLUs) and ReLU-KAN; the ``kans/`` linear layers
-GRAMLayer, KALNLayer, ChebyKANLayer, JacobiKANLayer, KANLayer and ReLUKANLayer (no base
+GRAMLayer (any ``act``: our Gram basis's ``basis_activation``), BottleNeckGRAMLayer (a
+bottleneck :class:`KANLinear` with ``projection_bias``), KALNLayer, ChebyKANLayer,
+JacobiKANLayer, KANLayer, FastKANLayer (its LayerNorm across features: the fastkan basis's
+``input_norm="channel_layer"``; its base bias: :class:`KANLinear`'s) and ReLUKANLayer (no base
 branch: ours is zeroed; its bias is :class:`KANLinear`'s), and the networks built from them
-(KAGN, KALN, KACN, KAJN, KAN, ReLUKAN). Anything else is refused with the list of what is
-covered. WavKAN convs (grouped ones whatever their groups' wavelets), WavKANLayer and WavKAN:
-see :mod:`kanseg.models.convert_wavkan`.
+(KAGN, BottleNeckKAGN, KALN, KACN, KAJN, KAN, FastKAN, ReLUKAN). Anything else is refused
+with the list of what is covered. WavKAN convs (grouped ones whatever their groups'
+wavelets), WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
 Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet (any ``width_per_group``,
 dilation and hidden layer; the ``reskagnetbn_moe_*`` included), KAGNRDNet
 (``post_block_attention`` included), U2KANet and
@@ -27,11 +30,6 @@ Documented exceptions (no conversion; ``tests/test_convert_coverage.py`` holds t
 - KABN: KABNConvNDLayer (KABNConv1DLayer, KABNConv2DLayer, KABNConv3DLayer), BernsteinKANLayer
   and KABN. torch-conv-kan's Bernstein basis is all ones; ours is the Bernstein basis it
   intends.
-- FastKANLayer and the ``kans/`` network FastKAN: the layer normalises the RBF input across
-  features (LayerNorm) and has a biased base branch; our fastkan basis normalises each
-  channel over positions, so :class:`KANLinear` has no fastkan family.
-- BottleNeckGRAMLayer and BottleNeckKAGN: their inner and outer projections have biases, our
-  bottleneck's have none.
 - The MNIST / CIFAR baselines of ``models/baselines`` (SimpleConv, SimpleConvKAN,
   SimpleFastConvKAN, SimpleConvKALN, SimpleConvKACN, SimpleConvKAGN, SimpleMoEConvKAGNBN,
   SimpleConvWavKAN and their EightSimple* versions): no network here has their layout.
@@ -61,11 +59,11 @@ from .convert_attention import ATTENTION_CONVERTERS
 from .torch_conv_kan import layer_state_to_ours, norm_state_to_ours
 
 #: torch-conv-kan conv base class -> our family
-_CONV_FAMILIES = {"KAGNConvNDLayer": "kagn", "BottleNeckKAGNConvNDLayer": "kagn",
-                  "KALNConvNDLayer": "kaln", "KAJNConvNDLayer": "kajn", "KACNConvNDLayer": "kacn"}
+CONV_FAMILIES = {"KAGNConvNDLayer": "kagn", "BottleNeckKAGNConvNDLayer": "kagn",
+                 "KALNConvNDLayer": "kaln", "KAJNConvNDLayer": "kajn", "KACNConvNDLayer": "kacn"}
 
 
-def _norm_option(norm: nn.Module, where: str) -> tuple[str, bool]:
+def norm_option(norm: nn.Module, where: str) -> tuple[str, bool]:
     """(norm name, affine) of one of torch-conv-kan's per-group norm modules."""
     if isinstance(norm, _InstanceNorm):
         if norm.track_running_stats:
@@ -77,15 +75,15 @@ def _norm_option(norm: nn.Module, where: str) -> tuple[str, bool]:
                      "(instance or batch norm are)")
 
 
-def _dropout(module: nn.Module) -> float:
+def dropout_of(module: nn.Module) -> float:
     return module.dropout.p if module.dropout is not None else 0.0
 
 
 def _convert_polynomial(module: nn.Module, family: str) -> nn.Module:
     """KAGN (plain or bottleneck), KALN, KAJN and KACN convs."""
     name = type(module).__name__
-    norm, affine = _norm_option(module.layer_norm[0], name)
-    options = dict(degree=module.degree, norm=norm, affine=affine, dropout=_dropout(module))
+    norm, affine = norm_option(module.layer_norm[0], name)
+    options = dict(degree=module.degree, norm=norm, affine=affine, dropout=dropout_of(module))
     if family == "kajn":
         options.update(alpha=module.a, beta=module.b)
     if hasattr(module, "inner_dim"):  # bottleneck: reproduce its inner width exactly
@@ -93,7 +91,7 @@ def _convert_polynomial(module: nn.Module, family: str) -> nn.Module:
         options.update(bottleneck=True, dim_reduction=widest / (module.inner_dim + 0.5),
                        min_internal=0)
     ours = create_kan_conv(family, module.ndim, module.inputdim, module.outdim,
-                           module.kernel_size, **_geometry(module), **options)
+                           module.kernel_size, **conv_geometry(module), **options)
     if family == "kacn":  # per-group convs over the channel-major stack already
         state = {"basis_weight": torch.cat([conv.weight for conv in module.poly_conv])}
         state.update(norm_state_to_ours(module.state_dict(), module.groups))
@@ -103,7 +101,7 @@ def _convert_polynomial(module: nn.Module, family: str) -> nn.Module:
     return ours
 
 
-def _activation_name(module: nn.Module, where: str) -> str:
+def activation_name(module: nn.Module, where: str) -> str:
     """Our name of a parameter-free activation module (SiLU, GELU, ReLU, identity)."""
     for name, cls in ACTIVATIONS.items():
         if type(module) is cls and name != "prelu":
@@ -111,7 +109,7 @@ def _activation_name(module: nn.Module, where: str) -> str:
     raise ValueError(f"{where}: activation {type(module).__name__} is not supported")
 
 
-def _geometry(module: nn.Module) -> dict:
+def conv_geometry(module: nn.Module) -> dict:
     return dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
                 groups=module.groups)
 
@@ -122,6 +120,16 @@ def _spline_state(module: nn.Module) -> dict[str, Tensor]:
             "basis_weight": torch.cat([conv.weight for conv in module.spline_conv])}
 
 
+def _rbf_options(rbf: nn.Module, where: str) -> dict:
+    """Our fastkan basis options for torch-conv-kan's ``RadialBasisFunction`` (evenly spaced
+    grid)."""
+    grid = rbf.grid.detach()
+    lo, hi = float(grid[0]), float(grid[-1])
+    if not torch.allclose(grid, torch.linspace(lo, hi, grid.numel(), dtype=grid.dtype)):
+        raise ValueError(f"{where}: the RBF grid is not evenly spaced ({grid.tolist()})")
+    return dict(grid_size=grid.numel(), grid_range=(lo, hi), denominator=rbf.denominator)
+
+
 def _convert_fastkan(module: nn.Module) -> KANConv:
     """FastKAN: the input norm must be torch-conv-kan's default (instance norm, no affine), which
     is the normalisation our Gaussian RBF basis applies."""
@@ -130,16 +138,11 @@ def _convert_fastkan(module: nn.Module) -> KANConv:
     if not isinstance(norm, _InstanceNorm) or norm.affine or norm.track_running_stats:
         raise ValueError(f"{name}: only the default input norm (instance norm without affine) "
                          f"converts, got {norm}")
-    grid = module.rbf.grid.detach()
-    lo, hi = float(grid[0]), float(grid[-1])
-    if not torch.allclose(grid, torch.linspace(lo, hi, grid.numel(), dtype=grid.dtype)):
-        raise ValueError(f"{name}: the RBF grid is not evenly spaced ({grid.tolist()})")
     ours = create_kan_conv(
         "fastkan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **_geometry(module), grid_size=grid.numel(), grid_range=(lo, hi),
-        denominator=module.rbf.denominator, eps=norm.eps,
-        base_activation=_activation_name(module.base_activation, name),
-        dropout=_dropout(module))
+        **conv_geometry(module), **_rbf_options(module.rbf, name), eps=norm.eps,
+        base_activation=activation_name(module.base_activation, name),
+        dropout=dropout_of(module))
     ours.load_state_dict(_spline_state(module))
     return ours
 
@@ -152,13 +155,13 @@ def _convert_bspline(module: nn.Module) -> KANConv:
     if slopes.numel() != len(module.prelus) or not torch.all(slopes == slopes[0]):
         raise ValueError(f"{name}: the per-group PReLU slopes differ ({slopes.tolist()}); "
                          "only equal single-slope PReLUs convert")
-    norm, affine = _norm_option(module.layer_norm[0], name)
+    norm, affine = norm_option(module.layer_norm[0], name)
     ours = create_kan_conv(
         "kan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **_geometry(module), grid_size=module.grid_size, spline_order=module.spline_order,
+        **conv_geometry(module), grid_size=module.grid_size, spline_order=module.spline_order,
         grid_range=tuple(module.grid_range), norm=norm, affine=affine,
-        base_activation=_activation_name(module.base_activation, name),
-        dropout=_dropout(module))
+        base_activation=activation_name(module.base_activation, name),
+        dropout=dropout_of(module))
     state = _spline_state(module)
     state["act.weight"] = slopes[:1]
     state.update(norm_state_to_ours(module.state_dict(), module.groups))
@@ -168,11 +171,11 @@ def _convert_bspline(module: nn.Module) -> KANConv:
 
 def _convert_relukan(module: nn.Module) -> KANConv:
     name = type(module).__name__
-    norm, affine = _norm_option(module.layer_norm[0], name)
+    norm, affine = norm_option(module.layer_norm[0], name)
     ours = create_kan_conv(
         "relukan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **_geometry(module), grid_size=module.g, order=module.k, train_phases=module.train_ab,
-        norm=norm, affine=affine, dropout=_dropout(module))
+        **conv_geometry(module), grid_size=module.g, order=module.k, train_phases=module.train_ab,
+        norm=norm, affine=affine, dropout=dropout_of(module))
     in_per_group = module.inputdim // module.groups
     state = {"base_weight": torch.cat([conv.weight for conv in module.base_conv]),
              "basis_weight": torch.cat([conv.weight for conv in module.relukan_conv]),
@@ -191,6 +194,7 @@ class _LinearSpec:
     sizes: tuple[str, str]  # attributes holding in and out features
     coefficients: str  # basis weight: (in, out, n) unless ``layout`` says otherwise
     layout: str = "in_out_n"  # or "out_in_n", or "flat" (out, in * n), channel-major
+    target: str = "basis_weight"  # our name of the basis weight
     base: str | None = None  # (out, in) base weight; None: no base branch (ours is zeroed)
     norm: str | None = None  # the output LayerNorm
     bias: str | None = None  # the output bias
@@ -199,17 +203,30 @@ class _LinearSpec:
 
 
 def _gram_options(module: nn.Module) -> dict:
-    """GRAMLayer applies its ``act`` to the base input, the basis and the output; our Gram basis
-    has SiLU built in, so only SiLU converts (``mlp_kagn`` defaults to GELU)."""
-    if type(module.act) is not nn.SiLU:
-        raise ValueError(f"GRAMLayer: activation {type(module.act).__name__} does not convert "
-                         "(only SiLU, which our Gram basis applies)")
-    return {"degree": module.degrees}
+    """GRAMLayer / BottleNeckGRAMLayer apply their ``act`` to the base input, the basis and the
+    output (``mlp_kagn`` defaults to GELU)."""
+    act = activation_name(module.act, type(module).__name__)
+    return {"degree": module.degrees, "base_activation": act, "activation": act,
+            "basis_activation": act}
+
+
+def _bottleneck_gram_options(module: nn.Module) -> dict:
+    """BottleNeckGRAMLayer: our bottleneck, with biased projections, of the same inner width."""
+    return {**_gram_options(module), "bottleneck": True, "projection_bias": True,
+            "dim_reduction": module.dim_reduction, "min_internal": module.min_internal}
+
+
+def _bottleneck_gram_state(module: nn.Module) -> dict[str, Tensor]:
+    """BottleNeckGRAMLayer's recurrence weights and its linear projections as our 1x1 convs."""
+    state = {"core.basis.beta_weights": module.beta_weights}
+    for ours, theirs in (("inner_proj", module.inner_proj), ("out_proj", module.outer_proj)):
+        state.update({f"{ours}.weight": theirs.weight.unsqueeze(-1), f"{ours}.bias": theirs.bias})
+    return state
 
 
 def _legendre_options(module: nn.Module) -> dict:
     """KALNLayer: its ``base_activation`` acts on the base input and on the output."""
-    name = _activation_name(module.base_activation, "KALNLayer")
+    name = activation_name(module.base_activation, "KALNLayer")
     return {"degree": module.polynomial_order, "base_activation": name, "activation": name}
 
 
@@ -218,6 +235,11 @@ _LINEAR_SPECS = {
         "kagn", ("in_channels", "out_channels"), "grams_basis_weights", base="base_weights",
         norm="norm", options=_gram_options,
         extra_state=lambda m: {"basis.beta_weights": m.beta_weights}),
+    # its Gram layer maps the inner width to itself, between biased projections
+    "BottleNeckGRAMLayer": _LinearSpec(
+        "kagn", ("in_channels", "out_channels"), "grams_basis_weights", base="base_weights",
+        norm="norm", target="core.basis_weight", options=_bottleneck_gram_options,
+        extra_state=_bottleneck_gram_state),
     "KALNLayer": _LinearSpec(
         "kaln", ("input_features", "output_features"), "poly_weight", layout="flat",
         base="base_weight", norm="layer_norm",
@@ -234,7 +256,7 @@ _LINEAR_SPECS = {
         base="base_weight", norm="layer_norm",
         options=lambda m: {"grid_size": m.grid_size, "spline_order": m.spline_order,
                            "grid_range": tuple(m.grid_range),
-                           "base_activation": _activation_name(m.base_activation, "KANLayer")},
+                           "base_activation": activation_name(m.base_activation, "KANLayer")},
         extra_state=lambda m: {"act.weight": m.prelu.weight}),
     # its forward reshapes the (in, n) bumps to (n, in) without transposing them, so its conv
     # weight (out, 1, n, in) flattens to the channel-major order
@@ -255,7 +277,7 @@ def _convert_linear(module: nn.Module, spec: _LinearSpec) -> KANLinear:
     weight = module.get_parameter(spec.coefficients)
     if spec.layout == "in_out_n":
         weight = weight.permute(1, 0, 2)
-    state = {"basis_weight": weight.reshape(out_features, -1, 1), **spec.extra_state(module)}
+    state = {spec.target: weight.reshape(weight.shape[0], -1, 1), **spec.extra_state(module)}
     if spec.base is not None:
         state["base_weight"] = module.get_parameter(spec.base).unsqueeze(-1)
     elif ours.layer.base_weight is not None:
@@ -269,9 +291,30 @@ def _convert_linear(module: nn.Module, spec: _LinearSpec) -> KANLinear:
     return ours
 
 
+def _convert_fastkan_linear(module: nn.Module) -> KANLinear:
+    """FastKANLayer: a LayerNorm across the features before the RBF (our fastkan basis's
+    ``input_norm="channel_layer"``) and, with ``use_base_update``, a biased linear base branch
+    (our output bias; without it, ours is zeroed)."""
+    name = type(module).__name__
+    norm, base = module.layernorm, getattr(module, "base_linear", None)
+    activation = activation_name(module.base_activation, name) if base is not None else "silu"
+    ours = KANLinear("fastkan", norm.normalized_shape[0], module.spline_linear.out_features,
+                     bias=base is not None, **_rbf_options(module.rbf, name), eps=norm.eps,
+                     base_activation=activation)
+    state = {"basis_weight": module.spline_linear.weight.unsqueeze(-1),
+             "base_weight": (base.weight.unsqueeze(-1) if base is not None
+                             else torch.zeros_like(ours.layer.base_weight)),
+             "basis.layer_norm.weight": norm.weight, "basis.layer_norm.bias": norm.bias}
+    ours.layer.load_state_dict(state)
+    if base is not None:
+        ours.bias.copy_(base.bias)
+    return ours
+
+
 def _convert_mlp(module: nn.Module) -> nn.Sequential:
-    """A ``kans/`` network (KAGN, KALN, KACN, KAJN, KAN, ReLUKAN): its layers converted one by one,
-    dropouts kept, L1 wrappers unwrapped (they only act on gradients)."""
+    """A ``kans/`` network (KAGN, BottleNeckKAGN, KALN, KACN, KAJN, KAN, FastKAN, ReLUKAN): its
+    layers converted one by one, dropouts kept, L1 wrappers unwrapped (they only act on
+    gradients)."""
     parts: list[nn.Module] = []
     for layer in module.layers:
         if isinstance(layer, nn.Dropout):
@@ -288,12 +331,14 @@ def _convert_hub_wrapper(module: nn.Module) -> nn.Module:
 
 
 _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    **{cls: (lambda m, f=family: _convert_polynomial(m, f)) for cls, family in _CONV_FAMILIES.items()},
+    **{cls: (lambda m, f=family: _convert_polynomial(m, f)) for cls, family in CONV_FAMILIES.items()},
     "FastKANConvNDLayer": _convert_fastkan,
     "KANConvNDLayer": _convert_bspline,
     "ReLUConvNDLayer": _convert_relukan,
     **{cls: (lambda m, spec=spec: _convert_linear(m, spec)) for cls, spec in _LINEAR_SPECS.items()},
-    **{cls: _convert_mlp for cls in ("KAGN", "KALN", "KACN", "KAJN", "KAN", "ReLUKAN")},
+    "FastKANLayer": _convert_fastkan_linear,
+    **{cls: _convert_mlp for cls in ("KAGN", "BottleNeckKAGN", "KALN", "KACN", "KAJN", "KAN",
+                                     "FastKAN", "ReLUKAN")},
     "WavKANConvNDLayer": convert_wavkan_conv, "WavKANLayer": convert_wavkan_linear,
     "WavKAN": _convert_mlp,
     **NETWORK_CONVERTERS,
@@ -305,14 +350,8 @@ _CONVERTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
 
 _KABN = ("torch-conv-kan's Bernstein basis is all ones; ours is the Bernstein basis it "
          "intends")
-_FASTKAN = ("FastKANLayer normalises the RBF input across features and has a biased base "
-            "branch; our fastkan basis normalises each channel over positions (no KANLinear)")
-_BOTTLENECK_GRAM = ("BottleNeckGRAMLayer's inner and outer projections have biases, our "
-                    "bottleneck's have none")
 #: torch-conv-kan classes refused, with the reason (the module docstring's exceptions)
-_REFUSED = {"KABNConvNDLayer": _KABN, "BernsteinKANLayer": _KABN, "KABN": _KABN,
-            "FastKANLayer": _FASTKAN, "FastKAN": _FASTKAN,
-            "BottleNeckGRAMLayer": _BOTTLENECK_GRAM, "BottleNeckKAGN": _BOTTLENECK_GRAM}
+_REFUSED = {"KABNConvNDLayer": _KABN, "BernsteinKANLayer": _KABN, "KABN": _KABN}
 
 
 def convert_torch_conv_kan(module: nn.Module) -> nn.Module:

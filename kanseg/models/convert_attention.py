@@ -56,7 +56,7 @@ def _output_norm(norm: nn.Module, where: str) -> tuple[str, bool]:
     """(name, affine) of an attention output norm: batch / instance, or timm's LayerNorm2d."""
     if isinstance(norm, nn.LayerNorm):
         return "channel_layer", norm.elementwise_affine
-    return _base()._norm_option(norm, where)
+    return _base().norm_option(norm, where)
 
 
 def _bottleneck_options(module: nn.Module) -> dict:
@@ -70,11 +70,11 @@ def _convert_kagn_v2(module: nn.Module) -> KANConv:
     dense KAN conv: output ``o`` of V2 group ``g`` reads stack entries ``g * m + j``."""
     base = _base()
     name = type(module).__name__
-    norm, affine = base._norm_option(module.layer_norm, name)
+    norm, affine = base.norm_option(module.layer_norm, name)
     ours = create_kan_conv(
         "kagn", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **{**base._geometry(module), "groups": 1}, degree=module.degree, norm=norm,
-        affine=affine, dropout=base._dropout(module))
+        **{**base.conv_geometry(module), "groups": 1}, degree=module.degree, norm=norm,
+        affine=affine, dropout=base.dropout_of(module))
     channels, n_basis, out = module.inputdim, module.degree + 1, module.outdim
     group = torch.arange(out) // (out // module.groups)
 
@@ -99,11 +99,11 @@ def _convert_kagn_v2(module: nn.Module) -> KANConv:
 def _convert_relukan_bottleneck(module: nn.Module) -> KANBottleneckConv:
     """Bottleneck ReLU-KAN: squeeze, ReLU-KAN conv, expand, plus the full SiLU base branch."""
     base = _base()
-    norm, affine = base._norm_option(module.layer_norm[0], type(module).__name__)
+    norm, affine = base.norm_option(module.layer_norm[0], type(module).__name__)
     ours = create_kan_conv(
         "relukan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **base._geometry(module), grid_size=module.g, order=module.k,
-        train_phases=module.train_ab, norm=norm, affine=affine, dropout=base._dropout(module),
+        **base.conv_geometry(module), grid_size=module.g, order=module.k,
+        train_phases=module.train_ab, norm=norm, affine=affine, dropout=base.dropout_of(module),
         **_bottleneck_options(module))
     state = {f"{name}.weight": torch.cat([conv.weight for conv in getattr(module, name)])
              for name in ("inner_proj", "out_proj")}
@@ -159,7 +159,7 @@ def _convert_focal(module: nn.Module) -> KANFocalModulation:
     proj = _convert(module.proj)
     full_kan = not isinstance(module.f, _PLAIN_CONVS)
     post = module.norm_layer if module.use_postln_in_modulation else None
-    post_norm, affine = (None, True) if post is None else _base()._norm_option(post, name)
+    post_norm, affine = (None, True) if post is None else _base().norm_option(post, name)
     ours = KANFocalModulation(
         module.dim, module.ndim, proj.basis.family, focal_window=module.focal_window,
         focal_level=module.focal_level, focal_factor=module.focal_factor, post_norm=post_norm,

@@ -9,18 +9,19 @@ partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottlene
 KACN, KAJN); ResKANets and MoEResKANets with any ``width_per_group``,
 ``replace_stride_with_dilation`` and hidden layer, the ``reskagnetbn_moe_*`` (batch-normed
 MoE bottleneck KAGN convs between instance-normed KALN 1x1 convs) included. Not covered:
-other MoE networks (the MoE VGGs and MoEResKANets aside), torch-conv-kan's RDNet stem when
-it differs from the body (its stem is always a degree-3 bottleneck KAGN conv), and
-``u2kagnet_bn_small`` (a 1x1 first conv). KAGNRDNet's ``post_block_attention`` converts to
-our RDNet's option of that name (a :class:`~kanseg.layers.attention.KANSelfAttention` after
-each stage, q/k/v our RDNet units; ``attention_inner_scale`` reproduces its inner widths).
+other MoE networks (the MoE VGGs and MoEResKANets aside) and ``u2kagnet_bn_small`` (a 1x1
+first conv). KAGNRDNet's stem (a degree-3 bottleneck KAGN conv without dropout whatever the
+body) converts to our RDNet's ``stem_options`` where it differs from the body; its
+``post_block_attention`` converts to our RDNet's option of that name (a
+:class:`~kanseg.layers.attention.KANSelfAttention` after each stage, q/k/v our RDNet units;
+``attention_inner_scale`` reproduces its inner widths).
 
 VGGs go the way of their checkpoints (:mod:`.torch_conv_kan`): the constructor arguments are
 read off the instance, :func:`~.torch_conv_kan.model_from_config` builds our VGG-KAN and
 :func:`~.torch_conv_kan.convert_state_dict` maps the instance's state dict (strictly). Covered:
 VGGKAGN, VGGKAGN_BN, MoEVGGKAGN, MoE_VGGKAGN_BN (every ``vgg_type``, ``sa`` types and
-``last_attention`` included) and VGGKALN, with a Linear, VGG or Matryoshka head or none;
-not their KAN, HiddenKAN and KANtryoshka heads (GELU KAN layers, where ours use SiLU), nor
+``last_attention`` included) and VGGKALN, with any head (Linear, VGG, Matryoshka, none, and
+the KAN, HiddenKAN and KANtryoshka heads of GELU KAN layers: our ``head_activation``); not
 VGGKAN (B-splines), FastVGGKAN, VGGKACN and WavVVGKAN, whose convs that mapping does not read.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+
+from kanseg.layers import KANLinear
 
 from . import convert as core
 from .heads import MatryoshkaLinear
@@ -64,12 +67,12 @@ def _conv_options(conv: nn.Module) -> dict[str, Any]:
     conv."""
     conv = _unwrap(conv)
     name = type(conv).__name__
-    family = next((core._CONV_FAMILIES[c.__name__] for c in type(conv).__mro__
-                   if c.__name__ in core._CONV_FAMILIES), None)
+    family = next((core.CONV_FAMILIES[c.__name__] for c in type(conv).__mro__
+                   if c.__name__ in core.CONV_FAMILIES), None)
     if family is None:
         raise ValueError(f"{name}: networks convert when built from polynomial KAN convs "
-                         f"({', '.join(sorted(core._CONV_FAMILIES))})")
-    norm, affine = core._norm_option(conv.layer_norm[0], name)
+                         f"({', '.join(sorted(core.CONV_FAMILIES))})")
+    norm, affine = core.norm_option(conv.layer_norm[0], name)
     options = dict(family=family, norm=norm, affine=affine, degree=conv.degree,
                    bottleneck_convs=hasattr(conv, "inner_dim"))
     if family == "kajn":
@@ -124,7 +127,7 @@ def convert_densekanet(reference: nn.Module) -> nn.Module:
         num_init_features=stem.outdim, bn_size=_unwrap(first.conv1).outdim // growth,
         stem_kernel_size=kernel, first_maxpool="pool0" in features,
         final_transition=f"transition{n_blocks}" in features, groups=_unwrap(first.conv2).groups,
-        dropout=core._dropout(_unwrap(first.conv2)),
+        dropout=core.dropout_of(_unwrap(first.conv2)),
         dropout_linear=reference.dropout_lin.p if reference.dropout_lin is not None else 0.0,
         head_type=head_type, memory_efficient=first.memory_efficient, **options)
     _load(ours.stem, stem)
@@ -149,7 +152,7 @@ def _block_conv_options(conv: nn.Module) -> dict[str, Any]:
         return _conv_options(experts[0])
     if experts is None:
         return _conv_options(conv)
-    norm, affine = core._norm_option(conv.layer_norm[0], type(conv).__name__)
+    norm, affine = core.norm_option(conv.layer_norm[0], type(conv).__name__)
     return dict(family="kagn", norm=norm, affine=affine, degree=experts.experts[0].degree,
                 bottleneck_convs=True)
 
@@ -204,7 +207,7 @@ def convert_reskanet(reference: nn.Module) -> nn.Module:
         tuple(len(stage) for stage in ref_stages), kind,
         in_channels=stem.inputdim, num_classes=reference.fc.out_features,
         width=_out_channels(ref_convs[0][-1]) // EXPANSION[kind],
-        dropout=core._dropout(stem), dropout_linear=reference.drop.p, groups=reference.groups,
+        dropout=core.dropout_of(stem), dropout_linear=reference.drop.p, groups=reference.groups,
         **_reskanet_geometry(reference, ref_stages, kind), **network,
         **{key: value for key, value in roles.items() if value is not None},
         **_reskanet_moe(spatial if hasattr(spatial, "w_gate") else None))
@@ -313,16 +316,15 @@ def _rdnet_options(reference: nn.Module) -> dict[str, Any]:
         ese.append(len(dense.dense_block0.layers.layers) == 4)
     body = _unwrap(stages[0][-1].dense_block0.layers.layers[1])
     stem = _unwrap(reference.stem.stem[0])
-    if (stem.degree, hasattr(stem, "inner_dim")) != (body.degree, hasattr(body, "inner_dim")):
-        raise ValueError("KAGNRDNet: its stem is a degree-3 bottleneck KAGN conv whatever the "
-                         "body; only networks whose body matches it (is_bottleneck=True, "
-                         "degree=3) convert")
+    network, stem_conv = ({"bottleneck_convs": hasattr(conv, "inner_dim"), "degree": conv.degree,
+                           "dropout": core.dropout_of(conv)} for conv in (body, stem))
+    stem_options = conv_overrides(network, stem_conv)
     gamma = stages[0][-1].dense_block0.gamma
     return dict(num_init_features=stem.outdim, growth_rates=tuple(growth),
                 num_blocks=tuple(blocks), downsample=tuple(downsample), ese=tuple(ese),
-                patch_size=stem.kernel_size, bottleneck_convs=hasattr(body, "inner_dim"),
-                degree=body.degree, ls_init_value=1.0 if gamma is not None else 0.0,
-                in_channels=stem.inputdim, dropout=core._dropout(body),
+                patch_size=stem.kernel_size, ls_init_value=1.0 if gamma is not None else 0.0,
+                in_channels=stem.inputdim, **network,
+                **({"stem_options": stem_options} if stem_options else {}),
                 **_rdnet_attention_options(attentions))
 
 
@@ -368,7 +370,7 @@ _VGG_FAMILIES = {"VGGKAGN": "kagn", "VGGKAGN_BN": "kagn", "MoEVGGKAGN": "kagn",
 #: our head type for the parametrised parts of torch-conv-kan's VGG heads
 _VGG_HEADS = {("linear",): "Linear", ("linear",) * 3: "VGG", ("kan",): "KAN",
               ("kan", "linear"): "HiddenKAN", ("linear", "matryoshka"): "Matryoshka",
-              ("kan", "matryoshka"): "KANtryoshka"}  # those with "kan" are refused
+              ("kan", "matryoshka"): "KANtryoshka"}
 
 
 def _out_channels(conv: nn.Module) -> int:
@@ -382,10 +384,10 @@ def _vgg_body_options(conv: nn.Module, where: str) -> dict[str, Any]:
     conv = _unwrap(conv)
     mixture = getattr(conv, "experts", None)
     if mixture is None:
-        return dict(groups=conv.groups, dropout=core._dropout(conv))
+        return dict(groups=conv.groups, dropout=core.dropout_of(conv))
     if isinstance(mixture, nn.ModuleList):  # MoEKANConvBase: whole convs are the experts
         expert, mixture = mixture[0], conv
-        options = dict(groups=expert.groups, dropout=core._dropout(expert))
+        options = dict(groups=expert.groups, dropout=core.dropout_of(expert))
     else:  # MoEBottleNeckKAGNConvND: a mixture of inner convs
         if mixture.pre_gate is not None:
             raise ValueError(f"{where}: MoE convs gated through a pregate layer do not convert")
@@ -431,16 +433,19 @@ def _vgg_type(reference: nn.Module, width_scale: int, where: str) -> tuple[str, 
                      f"{VGG_TYPES + VGG_SA_TYPES}")
 
 
-def _vgg_head(classifier: nn.Module | None, where: str) -> tuple[str | None, list[nn.Module]]:
-    """(our head type, the head's parametrised layers converted to ours, in order). Heads with
-    KAN layers are refused: torch-conv-kan builds them with GELU (``mlp_kagn`` / ``mlp_kaln``
-    defaults), ours with the family's SiLU, and our Gram basis has SiLU built in."""
+def _vgg_head(classifier: nn.Module | None, where: str
+              ) -> tuple[str | None, list[nn.Module], str | None]:
+    """(our head type, the head's parametrised layers converted to ours, in order, the
+    activation of its KAN layers: None without any)."""
     if classifier is None:
-        return None, []
-    kinds, parts = [], []
+        return None, [], None
+    kinds, parts, activation = [], [], None
     for child in (classifier if isinstance(classifier, nn.Sequential) else [classifier]):
-        if hasattr(child, "layers_hidden"):  # a kans network
+        if hasattr(child, "layers_hidden"):  # a kans network: dropout, one KAN linear layer
             kinds.append("kan")
+            layers = [m for m in core.convert_torch_conv_kan(child) if isinstance(m, KANLinear)]
+            activation = core.activation_name(layers[0].layer.act, where)
+            parts += layers
         elif isinstance(child, nn.Linear):
             kinds.append("linear")
             parts.append(child)
@@ -450,12 +455,10 @@ def _vgg_head(classifier: nn.Module | None, where: str) -> tuple[str | None, lis
         elif any(True for _ in child.parameters()):
             kinds.append(type(child).__name__)
     head_type = _VGG_HEADS.get(tuple(kinds))
-    if head_type is None or "kan" in kinds:
-        raise ValueError(
-            f"{where}: {'head ' + head_type if head_type else f'a head of layers {kinds}'} does "
-            "not convert (heads that do: Linear, VGG, Matryoshka, none; the KAN heads use GELU "
-            "KAN layers, ours the family's SiLU)")
-    return head_type, parts
+    if head_type is None:
+        raise ValueError(f"{where}: a head of layers {kinds} does not convert (heads that do: "
+                         f"{', '.join(_VGG_HEADS.values())}, none)")
+    return head_type, parts, activation
 
 
 def _head_modules(head: nn.Module | None, children: bool = False) -> list:
@@ -474,7 +477,8 @@ def convert_vgg(reference: nn.Module) -> VGGKAN:
     """torch-conv-kan's VGGs (``models/vggkan.py``) -> our :class:`VGGKAN`: the constructor
     arguments read off the instance, the state dict mapped as their checkpoints are
     (:func:`~.torch_conv_kan.convert_state_dict`, strict); L1 wrappers are dropped (they only
-    act on gradients). VGGs of other convs than KAGN and KALN are refused."""
+    act on gradients). KAN head layers are converted as layers, their activation (GELU) our
+    ``head_activation``. VGGs of other convs than KAGN and KALN are refused."""
     name = type(reference).__name__
     family = next((_VGG_FAMILIES[c.__name__] for c in type(reference).__mro__
                    if c.__name__ in _VGG_FAMILIES), None)
@@ -494,7 +498,7 @@ def convert_vgg(reference: nn.Module) -> VGGKAN:
                          "of 16 (every VGG type starts at width 16 * width_scale)")
     width_scale = first.outdim // 16
     vgg_type, last_attention = _vgg_type(reference, width_scale, name)
-    head_type, head = _vgg_head(reference.classifier, name)
+    head_type, head, head_activation = _vgg_head(reference.classifier, name)
     body = _vgg_body_options(convs[1], name)
     moe = "num_experts" in body
     dropouts = [m.p for m in _head_modules(reference.classifier) if isinstance(m, nn.Dropout)]
@@ -508,7 +512,7 @@ def convert_vgg(reference: nn.Module) -> VGGKAN:
             [layer for layer in reference.features if hasattr(layer, "proj_q")], name),
         **body)
     ours = model_from_config(config, options["norm"] == "batch", options["bottleneck_convs"], moe,
-                             family=family)
+                             family=family, head_activation=head_activation)
     state = {vgg_key_to_ours(key): value  # L1 wrappers dropped
              for key, value in reference.state_dict().items() if not key.startswith("classifier.")}
     ours_head = [key for key, m in _head_modules(ours.classifier, children=True)
@@ -567,7 +571,7 @@ def convert_u2kanet(reference: nn.Module, variant: str) -> U2KANet:
     ours = create_model(
         "u2kanet" if variant == "full" else "u2kanet_small", spatial_dims=2,
         in_channels=first.inputdim, out_channels=reference.outconv.out_channels,
-        width_scale=first.outdim / 64, groups=body.groups, dropout=core._dropout(body),
+        width_scale=first.outdim / 64, groups=body.groups, dropout=core.dropout_of(body),
         align_corners=True, deep_supervision=True, **options)
     ref_stages = [getattr(reference, f"stage{i}") for i in range(1, 7)]
     ref_stages += [getattr(reference, f"stage{i}d") for i in range(1, 6)]

@@ -33,7 +33,7 @@ from kanseg.layers import KANBottleneckConv, create_kan_conv
 from kanseg.layers.moe import MoEKANConv
 
 from . import convert as core
-from .torch_conv_kan import (_layer_to_theirs, channel_major_to_degree_major,
+from .torch_conv_kan import (layer_to_theirs, channel_major_to_degree_major,
                              degree_major_to_channel_major, layer_state_to_ours,
                              norm_state_to_ours, norm_state_to_theirs)
 
@@ -90,7 +90,7 @@ def moe_state_to_theirs(ours: dict[str, Tensor], layer: nn.Module,
     if isinstance(layer, MoEKANConv):
         theirs = {"w_gate": ours["w_gate"], "w_noise": ours["w_noise"], **_NORMAL}
         for e, expert in enumerate(layer.experts):
-            mapped = _layer_to_theirs(_sub(ours, f"experts.{e}."), expert, groups)
+            mapped = layer_to_theirs(_sub(ours, f"experts.{e}."), expert, groups)
             theirs.update(_prefixed(mapped, f"experts.{e}."))
         return theirs
     mixture: MoEKANConv = layer.core
@@ -123,7 +123,7 @@ def convert_moe(module: nn.Module) -> MoEKANConv:
 def convert_moe_bottleneck(module: nn.Module) -> KANBottleneckConv:
     """``MoEBottleNeckKAGNConvND``: a KAGN bottleneck conv mixing only its inner conv."""
     mixture, expert = module.experts, module.experts.experts[0]
-    norm, affine = core._norm_option(module.layer_norm[0], type(module).__name__)
+    norm, affine = core.norm_option(module.layer_norm[0], type(module).__name__)
     widest = max(module.input_size, module.output_size) // module.groups
     ours = create_kan_conv(
         "kagn", mixture.conv_dims, module.input_size, module.output_size, expert.kernel_size,

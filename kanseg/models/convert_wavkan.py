@@ -46,14 +46,14 @@ def _wavelet_weight(wavelet_conv: nn.Module, ndim: int) -> Tensor:
 def convert_wavkan_conv(module: nn.Module) -> KANConv:
     """``WavKANConv{1,2,3}DLayer`` (every wavelet and version) -> our ``wavkan`` KANConv."""
     name = type(module).__name__
-    norm, affine = convert._norm_option(module.layer_norm[0], name)
+    norm, affine = convert.norm_option(module.layer_norm[0], name)
     groups, n = module.groups, module.outdim // module.groups
     ours = create_kan_conv(
         "wavkan", module.ndim, module.inputdim, module.outdim, module.kernel_size,
-        **convert._geometry(module), wavelet=module.wavelet_type, n_wavelets=n,
+        **convert.conv_geometry(module), wavelet=module.wavelet_type, n_wavelets=n,
         wavelet_groups=groups, norm=norm, affine=affine,
-        base_activation=convert._activation_name(module.base_activation, name),
-        dropout=convert._dropout(module), dropout_placement="poly")
+        base_activation=convert.activation_name(module.base_activation, name),
+        dropout=convert.dropout_of(module), dropout_placement="poly")
     parts = module.wavelet_conv
     state = {
         "base_weight": torch.cat([conv.weight for conv in module.base_conv]),

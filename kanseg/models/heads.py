@@ -12,16 +12,19 @@ torch-conv-kan's head types, on flattened pooled features:
   32, 64, ..., 512;
 - ``None``: no head.
 
-Matryoshka heads return a tuple of logits, one per nested prefix (smallest first).
+Matryoshka heads return a tuple of logits, one per nested prefix (smallest first). The KAN
+linear layers take the network's family options, and ``head_activation`` as their activation
+(torch-conv-kan's VGGs: ``"gelu"``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kanseg.layers import KANLinear
+from kanseg.layers import ACTIVATIONS, KANLinear, OptionError, basis_class
 
 HEAD_TYPES = ("Linear", "VGG", "KAN", "HiddenKAN", "Matryoshka", "KANtryoshka", None)
 
@@ -83,21 +86,39 @@ class HeadMixin:
                                                        **self.head_options))
 
 
+def _kan_activation_options(family: str, activation: str | None) -> dict[str, str]:
+    """KAN linear options putting ``activation`` where torch-conv-kan's ``kans`` layers apply
+    their one activation: the base branch, the output and, for a family whose basis applies one
+    (Gram's ``basis_activation``), the basis. None: none (the family's defaults)."""
+    if activation is None:
+        return {}
+    if activation not in ACTIVATIONS:
+        raise OptionError("head_activation", f"head_activation must be one of "
+                          f"{sorted(ACTIVATIONS)} or None, got {activation!r}")
+    options = {"base_activation": activation, "activation": activation}
+    if "basis_activation" in inspect.signature(basis_class(family)).parameters:
+        options["basis_activation"] = activation
+    return options
+
+
 def create_head(head_type: str | None, in_features: int, num_classes: int,
                 dropout_linear: float = 0.0, family: str = "kagn",
-                **family_options: Any) -> nn.Module | None:
+                head_activation: str | None = None, **family_options: Any) -> nn.Module | None:
     """The head ``head_type`` (see the module docstring) from ``in_features`` to
     ``num_classes``, with dropout ``dropout_linear``; ``family`` and ``family_options`` build
-    the KAN linear layers. None when ``head_type`` is None or ``num_classes`` is 0."""
+    the KAN linear layers, with ``head_activation`` (if not None) as their base, output and
+    basis activation (:func:`_kan_activation_options`; torch-conv-kan's VGGs build their KAN
+    heads with ``"gelu"``). None when ``head_type`` is None or ``num_classes`` is 0."""
     if head_type not in HEAD_TYPES:
         raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
     if head_type is None or num_classes == 0:
         return None
 
     drop = dropout_linear
+    kan_options = {**family_options, **_kan_activation_options(family, head_activation)}
 
     def kan(out_features: int) -> KANLinear:
-        return KANLinear(family, in_features, out_features, **family_options)
+        return KANLinear(family, in_features, out_features, **kan_options)
 
     if head_type == "Linear":
         return nn.Sequential(nn.Dropout(drop), nn.Linear(in_features, num_classes))

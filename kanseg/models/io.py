@@ -100,7 +100,8 @@ class InitReport:
 def load_matching(model: nn.Module, state: dict[str, Any], strict: bool = False) -> InitReport:
     """Copy every tensor of ``state`` whose name and shape match ``model``'s; the others (for
     example a head with another number of classes) keep their initial values and are reported.
-    ``strict=True`` makes any difference a ValueError listing it, and loads nothing."""
+    ``strict=True`` makes any difference a ValueError listing it, and loads nothing. A source
+    of which no tensor matches (another architecture) is a ValueError in either mode."""
     own = model.state_dict()
     report = InitReport()
     for name, value in state.items():
@@ -111,6 +112,10 @@ def load_matching(model: nn.Module, state: dict[str, Any], strict: bool = False)
         else:
             report.loaded.append(name)
     report.missing = [name for name in own if name not in state]
+    if state and not report.loaded:
+        raise ValueError(f"none of its {len(state)} tensors fits the model (a network of "
+                         f"another architecture or size?); first names: "
+                         f"{', '.join(list(state)[:3])}; the model's: {', '.join(list(own)[:3])}")
     if strict and not report.complete:
         raise ValueError(f"the initial weights do not match the model: {report.summary()}")
     model.load_state_dict({name: state[name] for name in report.loaded}, strict=False)

@@ -9,9 +9,9 @@ followed by a LayerNorm over its channels (timm's ``LayerNorm2d``) and SiLU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from kanseg.layers.factories import conv_function, create_dropout, to_tuple
 
 from .densekanet import DenseBlock
 from .heads import HeadMixin
-from .registry import register_model, renamed_options
+from .registry import family_option_names, register_model, renamed_options
 
 #: torch-conv-kan's kagrdnet variants: stem width, growth rates, downsampling and ESE per stage
 RDNET_VARIANTS: dict[str, dict[str, Any]] = {
@@ -91,6 +91,21 @@ class _KANUnits:
     bottleneck: bool
     activation: str | None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def with_options(self, overrides: Mapping[str, Any] | None, key: str) -> _KANUnits:
+        """These units with the options ``overrides`` (the model option ``key``) replaced:
+        ``bottleneck_convs`` and the family's options."""
+        if not overrides:
+            return self
+        if not isinstance(overrides, Mapping):
+            raise OptionError(key, f"{key} must map KAN conv options to values, got "
+                                   f"{overrides!r}")
+        options = dict(overrides)
+        unknown = sorted(set(options) - family_option_names(self.family) - {"bottleneck_convs"})
+        if unknown:
+            raise OptionError(key, f"{key}: {unknown} are no options of family {self.family!r}")
+        bottleneck = bool(options.pop("bottleneck_convs", self.bottleneck))
+        return replace(self, bottleneck=bottleneck, options={**self.options, **options})
 
     def __call__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, padding: int = 0) -> nn.Sequential:
@@ -178,6 +193,9 @@ class RDNet(HeadMixin, nn.Module):
     its deprecated name) makes every KAN conv but the depthwise ones a bottleneck conv.
     ``reference_depthwise=True`` uses torch-conv-kan's degree-major depthwise layout
     (:class:`DegreeMajorDepthwiseConv`, what its checkpoints convert to).
+    ``stem_options``: KAN conv options (``bottleneck_convs``, ``degree``, ``dropout``...) that
+    replace the network's for the stem (torch-conv-kan's stem is a degree-3 bottleneck KAGN
+    conv without dropout whatever the body).
     ``forward_features`` returns the map before each downsampling transition and the last.
     The pooled features go through a LayerNorm, then the head ``head_type`` (:mod:`.heads`).
     """
@@ -204,6 +222,7 @@ class RDNet(HeadMixin, nn.Module):
         reference_depthwise: bool = False,
         post_block_attention: bool = False,
         attention_inner_scale: float = 1.0,
+        stem_options: Mapping[str, Any] | None = None,
         **family_options: Any,
     ):
         super().__init__()
@@ -223,7 +242,8 @@ class RDNet(HeadMixin, nn.Module):
                 f"norm={family_options['norm']!r} is not an option")
         self.downsample = tuple(bool(d) for d in downsample)
         units = _KANUnits(family, spatial_dims, bottleneck_convs, activation, family_options)
-        self.stem = units(in_channels, num_init_features, patch_size, stride=patch_size)
+        self.stem = units.with_options(stem_options, "stem_options")(
+            in_channels, num_init_features, patch_size, stride=patch_size)
         self.stages = nn.ModuleList()
         self.feature_channels: list[int] = []
         self.feature_strides: list[int] = []

@@ -93,7 +93,7 @@ def layer_state_to_ours(theirs: dict[str, Tensor], layer: nn.Module, groups: int
     return ours
 
 
-def _layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
+def layer_to_theirs(ours: dict[str, Tensor], layer: nn.Module, groups: int) -> dict[str, Tensor]:
     """Inverse of :func:`layer_state_to_ours`."""
     if _is_moe(layer):
         from .convert_moe import moe_state_to_theirs  # noqa: PLC0415 - it builds on this module
@@ -175,7 +175,7 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module,
     converted: dict[str, Tensor] = {}
     for name, module in layers.items():
         theirs = by_layer[name]
-        expected = set(_layer_to_theirs(module.state_dict(), module, module.groups))
+        expected = set(layer_to_theirs(module.state_dict(), module, module.groups))
         missing += [f"{name}.{k}" for k in sorted(expected - set(theirs))]
         unexpected += [f"{name}.{k}" for k in sorted(set(theirs) - expected)]
         if not expected <= set(theirs):
@@ -204,10 +204,12 @@ def convert_state_dict(state_dict: dict[str, Tensor], model: nn.Module,
 
 # ----------------------------------------------------------------------------- config
 def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool,
-                      moe: bool = False, family: str = "kagn") -> VGGKAN:
+                      moe: bool = False, family: str = "kagn",
+                      head_activation: str | None = None) -> VGGKAN:
     """Our :class:`VGGKAN` for a torch-conv-kan ``config.json`` (VGGKAGN or VGGKAGN_BN; with
     ``moe``, MoEVGGKAGN or MoE_VGGKAGN_BN, whose bottleneck convs mix only their inner conv;
-    ``family="kaln"``: VGGKALN, whose layers the same mapping reads)."""
+    ``family="kaln"``: VGGKALN, whose layers the same mapping reads); ``head_activation``: that
+    of its KAN head layers (None: no KAN head)."""
     unknown = sorted(set(config) - _CONFIG_KEYS)
     if unknown:
         raise CheckpointError(
@@ -240,6 +242,7 @@ def model_from_config(config: dict[str, Any], batch_norm: bool, bottleneck: bool
         **(dict(moe_experts=config.get("num_experts", 8), moe_top_k=config.get("k", 2),
                 moe_noisy_gating=config.get("noisy_gating", True), moe_inner=bottleneck)
            if moe else {}),
+        **({"head_activation": head_activation} if head_activation is not None else {}),
     )
 
 
@@ -308,7 +311,8 @@ def load_torch_conv_kan(path_or_repo_id: str | os.PathLike,
         raise CheckpointError(f"{weights}: {err}") from None
 
 
-#: torch-conv-kan VGG heads of KAN layers: theirs use GELU (``mlp_kagn`` / ``mlp_kaln``), ours SiLU
+#: torch-conv-kan VGG heads of KAN layers (``mlp_kagn`` / ``mlp_kaln``): checkpoints of these do
+#: not map (``convert_torch_conv_kan`` converts such VGG instances, ``head_activation="gelu"``)
 _KAN_HEADS = ("KAN", "HiddenKAN", "KANtryoshka")
 
 
@@ -334,8 +338,9 @@ def vgg_from_state_dict(state_dict: dict[str, Tensor], config: dict[str, Any]) -
     KALN convs (VGGKALN) from the absence of ``beta_weights``. KAN heads are refused."""
     if config.get("head_type", "Linear") in _KAN_HEADS:
         raise CheckpointError(f"config.json: head_type={config['head_type']!r} does not load: "
-                              "torch-conv-kan builds its KAN head layers with GELU, ours use "
-                              "SiLU (heads that load: Linear, VGG, Matryoshka, none)")
+                              "the checkpoint mapping does not read KAN head layers (heads that "
+                              "load: Linear, VGG, Matryoshka, none; convert_torch_conv_kan "
+                              "converts a VGG instance with any head)")
     state = {vgg_key_to_ours(k): v for k, v in state_dict.items()}
     batch_norm = any(k.endswith("running_mean") for k in state)
     bottleneck = any(".out_proj." in k for k in state)  # attention has inner_proj too
@@ -508,8 +513,8 @@ def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
         raise ValueError(f"torch-conv-kan bottleneck VGGs use dim_reduction=8, "
                          f"got {full['dim_reduction']!r}")
     if full["head_type"] in _KAN_HEADS:
-        raise ValueError(f"head_type={full['head_type']!r} has no torch-conv-kan equivalent "
-                         "(its KAN head layers use GELU, ours SiLU)")
+        raise ValueError(f"head_type={full['head_type']!r} does not save: the checkpoint "
+                         "mapping does not write KAN head layers")
     return {
         "input_channels": full["in_channels"], "num_classes": full["num_classes"],
         "groups": full["groups"], "degree": full["degree"], "dropout": full["dropout"],
@@ -525,7 +530,7 @@ def to_torch_conv_kan_config(model: VGGKAN) -> dict[str, Any]:
 _OUR_KEYS = {"name", "in_channels", "num_classes", "family", "vgg_type", "head_type",
              "expected_feature_shape", "width_scale", "norm", "affine",
              "bottleneck_convs", "dim_reduction", "groups", "dropout", "dropout_linear", "degree",
-             "last_attention", "sa_inner_projection"}
+             "last_attention", "sa_inner_projection", "head_activation"}
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -544,7 +549,7 @@ def save_torch_conv_kan(model: VGGKAN, folder: str | os.PathLike) -> Path:
     for name, module in _kan_layers(model).items():
         local = {k: state[f"{name}.{k}"] for k in module.state_dict()}
         consumed |= {f"{name}.{k}" for k in local}
-        mapped = _layer_to_theirs(local, module, module.groups)
+        mapped = layer_to_theirs(local, module, module.groups)
         theirs.update({f"{name}.{k}": v.detach().clone() for k, v in mapped.items()})
     theirs.update({_vgg_key_to_theirs(k): v.detach().clone() for k, v in state.items()
                    if k not in consumed})

@@ -66,6 +66,8 @@ class VGGKAN(HeadMixin, nn.Module):
     The ``sa`` types (:data:`VGG_SA_TYPES`) put a :class:`KANSelfAttention` before the last two
     max-pools, and ``last_attention`` replaces the last conv by one (inner width
     ``channels // sa_inner_projection`` when given), as torch-conv-kan's VGGKAGN.
+    The KAN layers of the KAN heads take the family options but the ``moe_*`` ones, and
+    ``head_activation`` as their activation (torch-conv-kan builds them with ``"gelu"``).
     """
 
     def __init__(
@@ -86,18 +88,20 @@ class VGGKAN(HeadMixin, nn.Module):
         dropout_linear: float = 0.25,
         last_attention: bool = False,
         sa_inner_projection: int | None = None,
+        head_activation: str | None = None,
         **family_options,
     ):
         super().__init__()
         layout = vgg_layout(vgg_type)
-        attention_options = {k: v for k, v in family_options.items() if not k.startswith("moe_")}
+        # the attention layers and the KAN heads are no mixtures of experts
+        plain_options = {k: v for k, v in family_options.items() if not k.startswith("moe_")}
 
         def attention(channels: int) -> KANSelfAttention:
             inner = channels // sa_inner_projection if sa_inner_projection else None
             return KANSelfAttention(channels, 2, family, inner_channels=inner, norm=norm,
                                     affine=affine, groups=groups, dropout=dropout,
                                     bottleneck=bottleneck_convs, dim_reduction=dim_reduction,
-                                    **attention_options)
+                                    **plain_options)
 
         self.vgg_type = vgg_type
         self.family = family
@@ -126,7 +130,8 @@ class VGGKAN(HeadMixin, nn.Module):
         self.feature_strides = [2**i for i in range(len(self.feature_channels))]
         self.avgpool = nn.AdaptiveAvgPool2d(self.expected_feature_shape)
         flat = channels * prod(self.expected_feature_shape)
-        self.build_head(num_classes, head_type, flat, dropout_linear, family, **family_options)
+        self.build_head(num_classes, head_type, flat, dropout_linear, family,
+                        head_activation=head_activation, **plain_options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""
