@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from kanseg.layers import KANBottleneckConv, KANConv, KANLinear
-from kanseg.models import VGGKAN, convert_torch_conv_kan
+from kanseg.layers import KANBottleneckConv, KANConv, KANLinear, OptionError
+from kanseg.models import VGGKAN, convert_torch_conv_kan, create_model
 from kanseg.models.u2kanet import U2KANet
 from kanseg.layers.attention import KANSelfAttention
 from conftest import import_reference, import_reference_models
@@ -231,6 +231,7 @@ U2KANET_CASES = {  # builder, options (beyond 3 inputs, 2 classes, width_scale 1
     "kaln-small-batch": ("u2kalnet_small", dict(degree=2, norm_layer=nn.BatchNorm2d)),
     "kacn-small-l1": ("u2kacnet_small", dict(degree=2, l1_decay=0.01)),
     "kagn-bottleneck-full": ("u2kagnet_bn", dict(degree=1)),
+    "kagn-bottleneck-small-1x1-first": ("u2kagnet_bn_small", dict(degree=1)),
 }
 
 
@@ -265,9 +266,32 @@ def test_u2kanet_training_outputs_are_its_side_outputs(tck_u2kanet):
         torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_u2kagnet_bn_small_first_conv_is_a_1x1_bottleneck_conv(tck_u2kanet):
+    """Its first conv is a 1x1 bottleneck conv squeezing by 4 (its others by 8): our
+    ``first_kernel_size=1``."""
+    ours = convert_torch_conv_kan(tck_u2kanet.u2kagnet_bn_small(3, 2, degree=1, width_scale=4))
+    first = ours.encoder[0].conv_in
+    assert ours.model_config["first_kernel_size"] == 1
+    assert isinstance(first, KANBottleneckConv) and first.base_weight.shape[2:] == (1, 1)
+    assert first.inner_channels == 16  # 64 / 4 (by 8: min(16, its 3 inputs) = 3)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_u2kanet_first_kernel_size_option(dims):
+    model = create_model("u2kanet_small", spatial_dims=dims, in_channels=2, out_channels=3,
+                         width_scale=0.25, degree=1, bottleneck_convs=True, first_kernel_size=1)
+    first = model.encoder[0].conv_in
+    assert isinstance(first, KANBottleneckConv) and first.base_weight.shape[2:] == (1,) * dims
+    size = (64,) * dims
+    assert model.eval()(torch.randn((1, 2) + size)).shape == (1, 3) + size
+    plain = create_model("u2kanet_small", width_scale=0.25, first_kernel_size=1)
+    assert isinstance(plain.encoder[0].conv_in, KANConv)
+    with pytest.raises(OptionError) as err:
+        create_model("u2kanet_small", first_kernel_size=2)
+    assert err.value.key == "first_kernel_size"
+
+
 def test_u2kanets_ours_cannot_express_are_refused(tck_u2kanet):
-    with pytest.raises(ValueError, match="U2KANetSmall: only 3x3 first convs convert"):
-        convert_torch_conv_kan(tck_u2kanet.u2kagnet_bn_small(3, 2, degree=1))
     with pytest.raises(ValueError, match="U2KANetSmall: FastKANConv2DLayer: networks convert "
                                          "when built from polynomial KAN convs"):
         convert_torch_conv_kan(tck_u2kanet.fast_u2kanet_small(3, 2))

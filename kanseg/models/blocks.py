@@ -223,18 +223,19 @@ class RSUBlock(nn.Module):
     dilated bottom conv), decoded with skip concatenation and added to the input conv's output.
     ``dilated=True`` gives the ``RSU-4F`` form: no pooling, dilations 1, 2, 4, ... instead.
     ``align_corners=True`` upsamples in the decoder with aligned corners (torch-conv-kan's
-    ``nn.UpsamplingBilinear2d``).
+    ``nn.UpsamplingBilinear2d``). ``conv_in``: the input conv, ``in_channels`` to
+    ``out_channels`` (None: a 3x3 conv of ``conv``).
     """
 
     def __init__(self, conv: AnyConvFactory, in_channels: int, mid_channels: int,
                  out_channels: int, height: int, dilated: bool = False,
-                 align_corners: bool = False):
+                 align_corners: bool = False, conv_in: nn.Module | None = None):
         super().__init__()
         if height < 2:
             raise ValueError(f"RSU height must be >= 2, got {height!r}")
         self.dilated, self.align_corners = dilated, align_corners
         dil = [2**i if dilated else 1 for i in range(height - 1)]
-        self.conv_in = conv(in_channels, out_channels, 3)
+        self.conv_in = conv(in_channels, out_channels, 3) if conv_in is None else conv_in
         self.encoder = nn.ModuleList(
             [conv(out_channels if i == 0 else mid_channels, mid_channels, 3, dilation=d)
              for i, d in enumerate(dil)]

@@ -12,10 +12,10 @@ branch: ours is zeroed; its bias is :class:`KANLinear`'s), and the networks buil
 (KAGN, BottleNeckKAGN, KALN, KACN, KAJN, KAN, FastKAN, ReLUKAN). Anything else is refused
 with the list of what is covered. WavKAN convs (grouped ones whatever their groups'
 wavelets), WavKANLayer and WavKAN: see :mod:`kanseg.models.convert_wavkan`.
-Networks DenseKANet, TinyDenseKANet, ResKANet, MoEResKANet (any ``width_per_group``,
-dilation and hidden layer; the ``reskagnetbn_moe_*`` included), KAGNRDNet
-(``post_block_attention`` included), U2KANet and
-U2KANetSmall: see :mod:`kanseg.models.convert_models`. MoE convs: see
+Networks DenseKANet and TinyDenseKANet (their MoE BN variants included), ResKANet,
+MoEResKANet (any ``width_per_group``, dilation and hidden layer; the ``reskagnetbn_moe_*``
+included), KAGNRDNet (``post_block_attention`` included), U2KANet and U2KANetSmall
+(``u2kagnet_bn_small`` included): see :mod:`kanseg.models.convert_models`. MoE convs: see
 :mod:`kanseg.models.convert_moe`. Attention and focal-modulation layers, KAGN V2 and bottleneck
 ReLU-KAN convs, UKANet and UKAGNet: see :mod:`kanseg.models.convert_attention`.
 VGGs of KAGN or KALN convs (VGGKAGN, VGGKAGN_BN, MoEVGGKAGN, MoE_VGGKAGN_BN, VGGKALN): see

@@ -8,11 +8,14 @@ converted by ``convert_torch_conv_kan`` (so a layer whose shapes differ is an er
 partial load). Covered: networks of polynomial KAN convs (KAGN plain or bottleneck, KALN,
 KACN, KAJN); ResKANets and MoEResKANets with any ``width_per_group``,
 ``replace_stride_with_dilation`` and hidden layer, the ``reskagnetbn_moe_*`` (batch-normed
-MoE bottleneck KAGN convs between instance-normed KALN 1x1 convs) included. Not covered:
-other MoE networks (the MoE VGGs and MoEResKANets aside) and ``u2kagnet_bn_small`` (a 1x1
-first conv). KAGNRDNet's stem (a degree-3 bottleneck KAGN conv without dropout whatever the
-body) converts to our RDNet's ``stem_options`` where it differs from the body; its
-``post_block_attention`` converts to our RDNet's option of that name (a
+MoE bottleneck KAGN convs between instance-normed KALN 1x1 convs) included; the MoE
+DenseKANets (``densekagnet*moebn``, ``tiny_densekagnet_moebn``: dense layers' 3x3 convs
+mixing their inner convs, our ``moe_*`` options) and the ``BottleNeckKAGN`` heads of the tiny
+BN ones (our ``head_bottleneck``); ``u2kagnet_bn_small`` (a 1x1 first conv: our
+``first_kernel_size``). Every MoE network of torch-conv-kan's ``models/`` converts (its
+baselines aside: see :mod:`.convert`). KAGNRDNet's stem (a degree-3 bottleneck KAGN conv
+without dropout whatever the body) converts to our RDNet's ``stem_options`` where it differs
+from the body; its ``post_block_attention`` converts to our RDNet's option of that name (a
 :class:`~kanseg.layers.attention.KANSelfAttention` after each stage, q/k/v our RDNet units;
 ``attention_inner_scale`` reproduces its inner widths).
 
@@ -87,29 +90,54 @@ def _check_geometry(conv: nn.Module, where: str, **expected: Any) -> None:
         raise ValueError(f"{where}: only {expected} converts, got {found}")
 
 
-def _check_not_moe(reference: nn.Module) -> None:
-    if getattr(reference, "is_moe", False):
-        raise ValueError(f"{type(reference).__name__}: MoE networks do not convert")
+def _out_channels(conv: nn.Module) -> int:
+    """Output channels of a torch-conv-kan conv, plain, bottleneck or MoE."""
+    conv = _unwrap(conv)
+    return conv.outdim if hasattr(conv, "outdim") else conv.output_size
+
+
+def _body_conv_options(conv: nn.Module, where: str) -> dict[str, Any]:
+    """groups, dropout (and the reference's MoE options) of a body conv: a VGG conv after the
+    first one, a dense layer's 3x3 conv."""
+    conv = _unwrap(conv)
+    mixture = getattr(conv, "experts", None)
+    if mixture is None:
+        return dict(groups=conv.groups, dropout=core.dropout_of(conv))
+    if isinstance(mixture, nn.ModuleList):  # MoEKANConvBase: whole convs are the experts
+        expert, mixture = mixture[0], conv
+        options = dict(groups=expert.groups, dropout=core.dropout_of(expert))
+    else:  # MoEBottleNeckKAGNConvND: a mixture of inner convs
+        if mixture.pre_gate is not None:
+            raise ValueError(f"{where}: MoE convs gated through a pregate layer do not convert")
+        options = dict(groups=conv.groups, dropout=mixture.experts[0].p_dropout)
+    return dict(options, num_experts=mixture.num_experts, k=mixture.k,
+                noisy_gating=mixture.noisy_gating)
 
 
 # ----------------------------------------------------------------------------- DenseKANet
-def _dense_head(reference: nn.Module) -> tuple[str, int, nn.Module]:
-    """(our head type, classes, the reference's linear or KAN linear layer)."""
+def _dense_head(reference: nn.Module) -> tuple[dict[str, Any], nn.Module]:
+    """(our head options: ``head_type``, ``num_classes``, ``head_bottleneck``; the reference's
+    linear or KAN linear layer)."""
     classifier = reference.classifier
     if isinstance(classifier, nn.Linear):
-        return "Linear", classifier.out_features, classifier
+        return dict(head_type="Linear", num_classes=classifier.out_features), classifier
     layers = [layer for layer in classifier.layers if not isinstance(layer, nn.Dropout)]
-    if type(classifier).__name__ not in ("KAGN", "KALN", "KACN") or len(layers) != 1:
-        raise ValueError(f"{type(reference).__name__}: head {type(classifier).__name__} does not "
-                         "convert (a linear layer or one KAGN / KALN / KACN layer does)")
-    return "KAN", classifier.layers_hidden[-1], _unwrap(layers[0])
+    kind = type(classifier).__name__
+    if kind not in ("KAGN", "BottleNeckKAGN", "KALN", "KACN") or len(layers) != 1:
+        raise ValueError(f"{type(reference).__name__}: head {kind} does not convert (a linear "
+                         "layer or one KAGN / BottleNeckKAGN / KALN / KACN layer does)")
+    options = dict(head_type="KAN", num_classes=classifier.layers_hidden[-1],
+                   head_bottleneck=kind == "BottleNeckKAGN")
+    return options, _unwrap(layers[0])
 
 
 def convert_densekanet(reference: nn.Module) -> nn.Module:
-    """torch-conv-kan's ``DenseKANet`` / ``TinyDenseKANet`` -> our :class:`DenseKANet`."""
-    _check_not_moe(reference)
+    """torch-conv-kan's ``DenseKANet`` / ``TinyDenseKANet`` -> our :class:`DenseKANet`; MoE ones
+    (3x3 convs ``MoEBottleNeckKAGNConv``: our ``moe_*`` options with ``moe_inner``) included,
+    their summed auxiliary losses the loss the reference returns."""
+    name = type(reference).__name__
     features = reference.features
-    n_blocks = sum(name.startswith("denseblock") for name in features)
+    n_blocks = sum(key.startswith("denseblock") for key in features)
     ref_blocks = [features[f"denseblock{i + 1}"] for i in range(n_blocks)]
     first = ref_blocks[0]["denselayer1"]
     stem = _unwrap(features["conv0"])
@@ -119,17 +147,20 @@ def convert_densekanet(reference: nn.Module) -> nn.Module:
         pool = features["pool0"]
         _check_geometry(pool, "DenseKANet max-pool", kernel_size=3, stride=2, padding=1)
     options = _conv_options(stem)
-    head_type, num_classes, ref_head = _dense_head(reference)
-    growth = _unwrap(first.conv2).outdim
+    head, ref_head = _dense_head(reference)
+    conv2 = _unwrap(first.conv2)
+    body = _body_conv_options(conv2, name)
+    growth = _out_channels(conv2)
     ours = create_model(
-        "densekanet", in_channels=stem.inputdim, num_classes=num_classes,
+        "densekanet", in_channels=stem.inputdim,
         block_config=tuple(len(block) for block in ref_blocks), growth_rate=growth,
         num_init_features=stem.outdim, bn_size=_unwrap(first.conv1).outdim // growth,
         stem_kernel_size=kernel, first_maxpool="pool0" in features,
-        final_transition=f"transition{n_blocks}" in features, groups=_unwrap(first.conv2).groups,
-        dropout=core.dropout_of(_unwrap(first.conv2)),
+        final_transition=f"transition{n_blocks}" in features, groups=body["groups"],
+        dropout=body["dropout"],
         dropout_linear=reference.dropout_lin.p if reference.dropout_lin is not None else 0.0,
-        head_type=head_type, memory_efficient=first.memory_efficient, **options)
+        memory_efficient=first.memory_efficient, **head, **options,
+        **_moe_options(conv2 if hasattr(conv2, "w_gate") else None))
     _load(ours.stem, stem)
     for block, ref_block in zip(ours.blocks, ref_blocks):
         for layer, ref_layer in zip(block, ref_block.values()):
@@ -157,8 +188,9 @@ def _block_conv_options(conv: nn.Module) -> dict[str, Any]:
                 bottleneck_convs=True)
 
 
-def _reskanet_moe(mixture: nn.Module | None) -> dict[str, Any]:
-    """The ``moe_*`` options of a block's mixture (none for a plain conv)."""
+def _moe_options(mixture: nn.Module | None) -> dict[str, Any]:
+    """The ``moe_*`` options of a mixture of whole convs or of inner convs (none for a plain
+    conv)."""
     if mixture is None:
         return {}
     inner = hasattr(mixture, "inner_dim")  # MoEBottleNeckKAGNConvND: mixes its inner conv
@@ -210,7 +242,7 @@ def convert_reskanet(reference: nn.Module) -> nn.Module:
         dropout=core.dropout_of(stem), dropout_linear=reference.drop.p, groups=reference.groups,
         **_reskanet_geometry(reference, ref_stages, kind), **network,
         **{key: value for key, value in roles.items() if value is not None},
-        **_reskanet_moe(spatial if hasattr(spatial, "w_gate") else None))
+        **_moe_options(spatial if hasattr(spatial, "w_gate") else None))
     _load(ours.stem, stem)
     if hidden is not None:
         _load(ours.hidden, hidden)
@@ -373,29 +405,6 @@ _VGG_HEADS = {("linear",): "Linear", ("linear",) * 3: "VGG", ("kan",): "KAN",
               ("kan", "matryoshka"): "KANtryoshka"}
 
 
-def _out_channels(conv: nn.Module) -> int:
-    """Output channels of a torch-conv-kan conv, plain, bottleneck or MoE."""
-    conv = _unwrap(conv)
-    return conv.outdim if hasattr(conv, "outdim") else conv.output_size
-
-
-def _vgg_body_options(conv: nn.Module, where: str) -> dict[str, Any]:
-    """groups, dropout (and the MoE options) of a VGG conv after the first one."""
-    conv = _unwrap(conv)
-    mixture = getattr(conv, "experts", None)
-    if mixture is None:
-        return dict(groups=conv.groups, dropout=core.dropout_of(conv))
-    if isinstance(mixture, nn.ModuleList):  # MoEKANConvBase: whole convs are the experts
-        expert, mixture = mixture[0], conv
-        options = dict(groups=expert.groups, dropout=core.dropout_of(expert))
-    else:  # MoEBottleNeckKAGNConvND: a mixture of inner convs
-        if mixture.pre_gate is not None:
-            raise ValueError(f"{where}: MoE convs gated through a pregate layer do not convert")
-        options = dict(groups=conv.groups, dropout=mixture.experts[0].p_dropout)
-    return dict(options, num_experts=mixture.num_experts, k=mixture.k,
-                noisy_gating=mixture.noisy_gating)
-
-
 def _vgg_attention_projection(attentions: list[nn.Module], where: str) -> int | None:
     """``sa_inner_projection`` of the self-attention layers (None: no inner projection)."""
     if not attentions or attentions[0].inner_proj is None:
@@ -499,7 +508,7 @@ def convert_vgg(reference: nn.Module) -> VGGKAN:
     width_scale = first.outdim // 16
     vgg_type, last_attention = _vgg_type(reference, width_scale, name)
     head_type, head, head_activation = _vgg_head(reference.classifier, name)
-    body = _vgg_body_options(convs[1], name)
+    body = _body_conv_options(convs[1], name)
     moe = "num_experts" in body
     dropouts = [m.p for m in _head_modules(reference.classifier) if isinstance(m, nn.Dropout)]
     config = dict(
@@ -538,10 +547,12 @@ def _rsu_convs(block: nn.Module) -> list[nn.Module]:
     return [block.conv_in, *block.encoder, block.bottom, *block.decoder]
 
 
-def _u2_dim_reduction(reference: nn.Module) -> float:
+def _u2_dim_reduction(reference: nn.Module, first: nn.Module) -> float:
     """A ``dim_reduction`` giving the widest bottleneck conv its inner width (torch-conv-kan
-    builds them all with one; a conv it does not fit fails to load)."""
-    widest = max((m for m in reference.modules() if hasattr(m, "inner_dim")),
+    builds them all with one, but a 1x1 ``first`` conv, which squeezes by 4 here and there; a
+    conv it does not fit fails to load)."""
+    widest = max((m for m in reference.modules()
+                  if hasattr(m, "inner_dim") and not (m is first and m.kernel_size == 1)),
                  key=lambda m: max(m.inputdim, m.outdim) // m.groups)
     return max(widest.inputdim, widest.outdim) // widest.groups / (widest.inner_dim + 0.5)
 
@@ -552,27 +563,25 @@ def convert_u2kanet(reference: nn.Module, variant: str) -> U2KANet:
     ``align_corners=True`` (its RSU blocks upsample so) and ``deep_supervision=True`` (in
     training it returns the fused and the six side logits; in eval mode ours returns the fused
     logits, its first output). Polynomial KAN convs only (not its B-spline, FastKAN or plain
-    ``u2net`` ones); not ``u2kagnet_bn_small``, whose first conv is 1x1."""
+    ``u2net`` ones); ``u2kagnet_bn_small``'s 1x1 first conv is our ``first_kernel_size=1``."""
     name = type(reference).__name__
     first, body = _unwrap(reference.stage1.input_conv), _unwrap(reference.stage2.input_conv)
     try:
         options = _conv_options(body)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
-    if first.kernel_size != 3:
-        raise ValueError(f"{name}: only 3x3 first convs convert (ours is 3x3), got "
-                         f"{first.kernel_size}x{first.kernel_size}")
     if body.groups > 1 and first.inputdim % body.groups == 0:
         raise ValueError(f"{name}: groups={body.groups} divides its {first.inputdim} input "
                          "channels, so ours would group the first conv, which it leaves "
                          "ungrouped")
     if options["bottleneck_convs"]:
-        options["dim_reduction"] = _u2_dim_reduction(reference)
+        options["dim_reduction"] = _u2_dim_reduction(reference, first)
     ours = create_model(
         "u2kanet" if variant == "full" else "u2kanet_small", spatial_dims=2,
         in_channels=first.inputdim, out_channels=reference.outconv.out_channels,
         width_scale=first.outdim / 64, groups=body.groups, dropout=core.dropout_of(body),
-        align_corners=True, deep_supervision=True, **options)
+        first_kernel_size=first.kernel_size, align_corners=True, deep_supervision=True,
+        **options)
     ref_stages = [getattr(reference, f"stage{i}") for i in range(1, 7)]
     ref_stages += [getattr(reference, f"stage{i}d") for i in range(1, 6)]
     for block, ref_block in zip([*ours.encoder, *ours.decoder], ref_stages):

@@ -17,7 +17,10 @@ Covered:
 - the MoEResKANets of MoE KALN convs or MoE bottleneck KAGN convs (``reskagnetbn_moe_*``:
   ``moe_inner=True``) -> our ResKANet with ``moe_*`` options, through
   :func:`~.convert_models.convert_reskanet` (instances) and
-  :func:`~.torch_conv_kan.reskanet_from_state_dict` (state dicts, mapped the same way).
+  :func:`~.torch_conv_kan.reskanet_from_state_dict` (state dicts, mapped the same way);
+- the MoE DenseKANets (``densekagnet*moebn``, ``tiny_densekagnet_moebn``: ``moe_inner=True``)
+  -> our DenseKANet with ``moe_*`` options, through
+  :func:`~.convert_models.convert_densekanet` (instances).
 
 Eval-mode outputs and load-balancing losses match; in training the gating noise matches too
 for the same random state (dropout differs, as for the plain convs). The reference's constant

@@ -1,5 +1,5 @@
 """DenseKANet: torch-conv-kan's DenseNet of KAN convolutions (121/161/169/201 and tiny, plain
-or bottleneck "BN" convs), any KAN family, 1D/2D/3D."""
+or bottleneck "BN" convs, or mixtures of experts "MoE BN"), any KAN family, 1D/2D/3D."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from kanseg.layers import create_norm
 from kanseg.layers.errors import OptionError
 from kanseg.layers.factories import conv_module
+from kanseg.layers.moe import MOE_OPTIONS
 
 from .blocks import ConvFactory, check_bottom_size
 from .heads import HeadMixin
@@ -25,6 +26,18 @@ DENSE_LAYOUTS = {"121": (32, (6, 12, 24, 16)), "161": (48, (6, 12, 36, 24)),
 #: a KAN linear head), as torch-conv-kan's TinyDenseKANet
 TINY_OPTIONS = dict(stem_kernel_size=5, first_maxpool=False, final_transition=True,
                     head_type="KAN")
+#: registered suffix -> (options, description) of the plain, BN and MoE BN variants; MoE BN:
+#: torch-conv-kan's ``densekagnet*moebn`` (8 experts, top 2, noisy gating, inner mixtures)
+VARIANT_OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "": ({}, ""),
+    "_bn": (dict(bottleneck_convs=True, norm="batch"), " BN"),
+    "_moebn": (dict(bottleneck_convs=True, norm="batch", moe_experts=8, moe_top_k=2,
+                    moe_noisy_gating=True, moe_inner=True), " MoE BN"),
+}
+#: head types with KAN layers (``head_bottleneck`` applies to them)
+KAN_HEAD_TYPES = ("KAN", "HiddenKAN", "KANtryoshka")
+#: KAN linear options of torch-conv-kan's ``BottleNeckKAGN`` head (``head_bottleneck=True``)
+BOTTLENECK_HEAD = dict(bottleneck=True, projection_bias=True, dim_reduction=8.0, min_internal=16)
 
 
 class DenseLayer(nn.Module):
@@ -75,8 +88,14 @@ class DenseKANet(HeadMixin, nn.Module):
     ``bottleneck_convs=True`` makes every KAN conv a bottleneck conv (torch-conv-kan's "BN"
     variants: ``dim_reduction`` for the 3x3 convs, 4 for the stem and the 1x1 convs;
     ``bottleneck``: its deprecated name).
-    ``groups`` groups the 3x3 convs (as in torch-conv-kan). ``head_type``: see
-    :mod:`.heads` (``num_classes=0``: no head, ``forward`` returns the pooled features).
+    ``groups`` groups the 3x3 convs (as in torch-conv-kan). The ``moe_*`` options
+    (:mod:`kanseg.layers.moe`) make the dense layers' 3x3 convs sparse mixtures of experts (not
+    the stem, the 1x1 convs or the head), as torch-conv-kan's MoE DenseKANets (``*_moebn``:
+    bottleneck convs mixing their inner conv, ``moe_inner=True``); their load-balancing losses
+    are auxiliary losses. ``head_type``: see :mod:`.heads` (``num_classes=0``: no head,
+    ``forward`` returns the pooled features); ``head_bottleneck=True`` makes its KAN layers
+    bottleneck KAN linear layers with biased projections squeezing by 8 (torch-conv-kan's
+    ``BottleNeckKAGN`` head of its tiny BN and MoE BN DenseKANets).
     ``forward_features`` returns the map before each downsampling after the stem and the
     last map (``feature_channels``, ``feature_strides``).
     """
@@ -102,10 +121,14 @@ class DenseKANet(HeadMixin, nn.Module):
         dropout: float = 0.0,
         dropout_linear: float = 0.0,
         head_type: str | None = "Linear",
+        head_bottleneck: bool = False,
         memory_efficient: bool = False,
         **family_options: Any,
     ):
         super().__init__()
+        if head_bottleneck and head_type not in KAN_HEAD_TYPES:
+            raise OptionError("head_bottleneck", f"head_bottleneck=True needs a head of KAN "
+                                                 f"layers {KAN_HEAD_TYPES}, got {head_type!r}")
         if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
             raise OptionError("block_config",
                               f"block_config must list positive layer counts, got {block_config!r}")
@@ -117,7 +140,7 @@ class DenseKANet(HeadMixin, nn.Module):
         kan = {"bottleneck": bottleneck_convs, "dim_reduction": 4.0}
         self.norm = norm
         self.stem = conv(in_channels, num_init_features, stem_kernel_size, stride=2, groups=1,
-                         **kan)
+                         moe_experts=0, **kan)
         self.pool = (Pool[Pool.MAX, spatial_dims](kernel_size=3, stride=2, padding=1)
                      if first_maxpool else None)
         self.blocks = nn.ModuleList()
@@ -144,8 +167,9 @@ class DenseKANet(HeadMixin, nn.Module):
         self.feature_channels.append(channels)
         self.feature_strides.append(stride)
         self.num_features = channels
+        head_options = {k: v for k, v in family_options.items() if k not in MOE_OPTIONS}
         self.build_head(num_classes, head_type, channels, dropout_linear, family,
-                        **family_options)
+                        **head_options, **(BOTTLENECK_HEAD if head_bottleneck else {}))
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """The map before each downsampling after the stem, and the last map."""
@@ -173,11 +197,15 @@ register_model("densekanet", DenseKANet, dims=(1, 2, 3), task="classification",
                description="DenseNet of KAN convs (torch-conv-kan DenseKANet; any layout)")
 for _name, (_growth, _blocks) in DENSE_LAYOUTS.items():
     _tiny = TINY_OPTIONS if _name == "_tiny" else {}
-    for _suffix, _bn in (("", {}), ("_bn", {"bottleneck_convs": True, "norm": "batch"})):
+    for _suffix, (_options, _label) in VARIANT_OPTIONS.items():
+        # torch-conv-kan's tiny MoE BN head (its tiny BN variant has one too, but
+        # densekanet_tiny_bn keeps the plain KAN head it was registered with)
+        _head = {"head_bottleneck": True} if _tiny and _suffix == "_moebn" else {}
         register_model(f"densekanet{_name}{_suffix}", DenseKANet, dims=(1, 2, 3),
                        task="classification", growth_rate=_growth, block_config=_blocks,
-                       **_tiny, **_bn,
-                       description=f"DenseKANet-{_name.strip('_')}{' BN' if _bn else ''} "
+                       **_tiny, **_options, **_head,
+                       description=f"DenseKANet-{_name.strip('_')}{_label} "
                                    "(torch-conv-kan layout)")
 
-__all__ = ["DENSE_LAYOUTS", "TINY_OPTIONS", "DenseBlock", "DenseKANet", "DenseLayer", "Transition"]
+__all__ = ["BOTTLENECK_HEAD", "DENSE_LAYOUTS", "KAN_HEAD_TYPES", "TINY_OPTIONS", "VARIANT_OPTIONS",
+           "DenseBlock", "DenseKANet", "DenseLayer", "Transition"]

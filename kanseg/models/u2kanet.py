@@ -47,6 +47,9 @@ class U2KANet(nn.Module):
     ``dim_reduction``: the bottleneck convs' squeeze factor (``bottleneck_convs=True``).
     ``align_corners=True`` makes the RSU blocks upsample with aligned corners, as
     torch-conv-kan's U2KANet does (its side outputs, like ours, do not).
+    ``first_kernel_size``: the kernel of the network's first conv (the first RSU block's input
+    conv); with ``bottleneck_convs`` a 1x1 one is a bottleneck conv squeezing by 4, as
+    torch-conv-kan's 1x1 bottleneck convs (``u2kagnet_bn_small``: 1).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class U2KANet(nn.Module):
         groups: int = 1,
         dim_reduction: float = 4.0,
         align_corners: bool = False,
+        first_kernel_size: int = 3,
         **family_options,
     ):
         super().__init__()
@@ -72,6 +76,10 @@ class U2KANet(nn.Module):
                               f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         if width_scale <= 0:
             raise OptionError("width_scale", f"width_scale must be > 0, got {width_scale!r}")
+        if (isinstance(first_kernel_size, bool) or not isinstance(first_kernel_size, int)
+                or first_kernel_size < 1 or first_kernel_size % 2 == 0):
+            raise OptionError("first_kernel_size", f"first_kernel_size must be a positive odd "
+                                                   f"integer, got {first_kernel_size!r}")
         self.spatial_dims = spatial_dims
         self.norm = norm
         self.deep_supervision = deep_supervision
@@ -89,10 +97,14 @@ class U2KANet(nn.Module):
         levels = check_kan_levels(kan_levels, len(enc))
         conv = [kan if level in levels else plain for level in range(len(enc))]
         block = partial(RSUBlock, align_corners=align_corners)
+        squeeze = (dict(bottleneck=True, dim_reduction=4.0)
+                   if bottleneck_convs and first_kernel_size == 1 and conv[0] is kan else {})
+        first_conv = conv[0](in_channels, enc[0][2], first_kernel_size, **squeeze)
         self.encoder = nn.ModuleList()
         channels = in_channels
         for level, (height, mid, out, dilated) in enumerate(enc):
-            self.encoder.append(block(conv[level], channels, mid, out, height, dilated))
+            self.encoder.append(block(conv[level], channels, mid, out, height, dilated,
+                                      conv_in=first_conv if level == 0 else None))
             channels = out
         self.decoder = nn.ModuleList()
         for level, (height, mid, out, dilated) in enumerate(dec):
