@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kanseg.layers import KANBottleneckConv, KANConv
-from kanseg.models import VGG_TYPES, create_model
+from kanseg.models import VGG_TYPES, create_model, list_models
 from kanseg.models.vgg import vgg_layout
 
 import kanseg.models.smp as kan_smp  # noqa: E402  (registers the encoders)
@@ -79,7 +79,16 @@ def test_reskanet_depths(name, channels):
         create_model(name, layers=(2, 2))
 
 
-@pytest.mark.parametrize("encoder", ["kan-vgg11", "kan-vgg11v4", "kan-reskanet18"])
+def test_every_named_resnet_and_densenet_variant_is_an_smp_encoder():
+    expected = {f"kan-{name}" for name in list_models() if name != "densekanet"
+                and name.startswith(("reskanet", "moe_reskanet", "densekanet"))}
+    assert expected <= set(kan_smp.SMP_ENCODER_NAMES)
+    assert {"kan-densekanet_tiny_moebn", "kan-moe_reskanet18", "kan-densekanet121_bn"} <= expected
+    assert not any(name.startswith("kan-rdnet") for name in kan_smp.SMP_ENCODER_NAMES)
+
+
+@pytest.mark.parametrize("encoder", ["kan-vgg11", "kan-vgg11v4", "kan-reskanet18",
+                                     "kan-densekanet_tiny_moebn"])
 def test_smp_unet_on_kan_encoders(encoder):
     assert encoder in kan_smp.SMP_ENCODER_NAMES
     model = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=2,

@@ -1,8 +1,9 @@
 """KAN backbones as segmentation-models-pytorch encoders.
 
-Importing this module registers ``kan-vgg11`` ... ``kan-vgg19v4``,
-``kan-reskanet18/34/50/101/152`` and ``kan-densekanet121/161/169/201`` / ``kan-densekanet_tiny``
-(KAGN family) in ``smp.encoders.encoders``, so that for example
+Importing this module registers ``kan-vgg11`` ... ``kan-vgg19v4`` and ``kan-<name>`` for every
+registered ResKANet and DenseKANet variant (:data:`ENCODER_PREFIXES`: ``kan-reskanet18`` ...
+``kan-moe_reskanet152``, ``kan-densekanet121`` ... ``kan-densekanet_tiny_moebn``; KAGN family)
+in ``smp.encoders.encoders``, so that for example
 ``smp.Unet(encoder_name="kan-vgg11", encoder_weights=None, classes=2)`` works in 2D.
 :func:`register_smp_encoder` adds variants (another family, width, bottleneck layers...).
 """
@@ -15,7 +16,7 @@ from segmentation_models_pytorch.encoders import encoders as SMP_ENCODERS
 from segmentation_models_pytorch.encoders._base import EncoderMixin
 from torch import Tensor, nn
 
-from .registry import create_model
+from .registry import create_model, get_model_spec, list_models
 from .vgg import VGG_TYPES
 
 
@@ -79,23 +80,25 @@ def register_smp_encoder(encoder_name: str, model_name: str, **model_kwargs: Any
     }
 
 
+#: registered backbones whose feature maps sit at strides 2, 4, 8... (RDNet's patchify stem
+#: starts at 4, which smp's decoders do not take)
+ENCODER_PREFIXES = ("reskanet", "moe_reskanet", "densekanet")
+
+
 def register_default_encoders() -> list[str]:
-    """Register ``kan-vgg*`` (every vgg_type), ``kan-reskanet18/34/50/101/152`` and
-    ``kan-densekanet*``; returns the names."""
+    """Register ``kan-vgg*`` (every vgg_type) and ``kan-<name>`` for every named variant (a
+    registration with defaults) of :data:`ENCODER_PREFIXES`; returns the names."""
     names = []
     for vgg_type in VGG_TYPES:
         names.append(f"kan-{vgg_type.lower()}")
         register_smp_encoder(names[-1], "vgg_kan", vgg_type=vgg_type)
-    for depth in (18, 34, 50, 101, 152):
-        names.append(f"kan-reskanet{depth}")
-        register_smp_encoder(names[-1], f"reskanet{depth}")
-    for model_name in ("densekanet121", "densekanet161", "densekanet169", "densekanet201",
-                       "densekanet_tiny"):
-        names.append(f"kan-{model_name}")
-        register_smp_encoder(names[-1], model_name)
+    for model_name in list_models():
+        if model_name.startswith(ENCODER_PREFIXES) and get_model_spec(model_name).defaults:
+            names.append(f"kan-{model_name}")
+            register_smp_encoder(names[-1], model_name)
     return names
 
 
 SMP_ENCODER_NAMES = register_default_encoders()
 
-__all__ = ["KANEncoder", "SMP_ENCODER_NAMES", "register_default_encoders", "register_smp_encoder"]
+__all__ = ["ENCODER_PREFIXES", "KANEncoder", "SMP_ENCODER_NAMES", "register_default_encoders", "register_smp_encoder"]
