@@ -30,7 +30,8 @@ BRATS := .brats
 test-brats: $(STAMP)
 	@if test ! -d $(BRATS); then \
 	  rm -rf $(BRATS).tmp; \
-	  if $(PY) -m pip install -q --target $(BRATS).tmp 'brats-evaluation==0.0.10'; then \
+	  if $(PY) -m pip install -q --target $(BRATS).tmp \
+	    'brats-evaluation==0.0.10' 'panoptica==2.1.7'; then \
 	    mv $(BRATS).tmp $(BRATS); \
 	  else echo "brats-evaluation could not be installed: the official BraTS metric check is skipped"; fi; \
 	fi
