@@ -28,7 +28,7 @@ def test_mlp_and_bad_inputs():
     with pytest.raises(OptionError, match="input_norm='channel_layer'.* got 'instance'") as err:
         KANLinear("fastkan", 4, 2, input_norm="instance")
     assert err.value.key == "input_norm"
-    with pytest.raises(OptionError, match="projection_bias=True needs a bottleneck") as err:
+    with pytest.raises(OptionError, match="projection_bias=True needs bottleneck=True") as err:
         KANLinear("kagn", 4, 2, projection_bias=True)
     assert err.value.key == "projection_bias"
 

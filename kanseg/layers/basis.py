@@ -7,7 +7,7 @@ convolution core (:mod:`kanseg.layers.conv`) is shared by all of them.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,16 +125,38 @@ def _sub_scaled_(target: Tensor, tensor: Tensor, scale: Tensor | float) -> None:
         target.add_(tensor, alpha=-scale)
 
 
+class OutputActivation(NamedTuple):
+    """An activation of the basis functions: differentiable, written into a tensor (``out``
+    may be the input itself), and its backward ``(grad, input) -> grad_input``."""
+
+    function: Callable[[Tensor], Tensor]
+    write_into: Callable[[Tensor, Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]
+
+
+#: activations a recurrence basis may apply to its polynomials
+OUTPUT_ACTIVATIONS: dict[str, OutputActivation] = {
+    "silu": OutputActivation(F.silu, lambda p, out: torch.ops.aten.silu.out(p, out=out),
+                             torch.ops.aten.silu_backward),
+    # (aten's gelu.out ignores the strides of a non-contiguous ``out``: through a temporary)
+    "gelu": OutputActivation(F.gelu, lambda p, out: out.copy_(F.gelu(p)),
+                             lambda grad, p: torch.ops.aten.gelu_backward(grad, p)),
+    "relu": OutputActivation(F.relu, lambda p, out: torch.clamp(p, min=0, out=out),
+                             lambda grad, p: torch.ops.aten.threshold_backward(grad, p, 0)),
+}
+
+
 class RecurrenceBasis(PolynomialBasis):
     """Polynomials of ``t = argument(x)`` by a three-term recurrence, with one analytic VJP.
 
     P_0 = 1, P_1 = a_1 t + b_1, P_n = (a_n t + b_n) P_{n-1} - c_n P_{n-2}; the basis is P, or
-    SiLU(P) when ``silu_output``. A family gives the argument and its VJP, and the coefficients
-    (``c`` may depend on the basis parameters: their gradients come from autograd over the
-    ``degree + 1`` coefficients, the elementwise work is differentiated analytically).
+    ``output_activation``(P) (a key of :data:`OUTPUT_ACTIVATIONS`). A family gives the argument
+    and its VJP, and the coefficients (``c`` may depend on the basis parameters: their gradients
+    come from autograd over the ``degree + 1`` coefficients, the elementwise work is
+    differentiated analytically).
     """
 
-    silu_output: bool = False
+    output_activation: str | None = None
 
     def argument(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """``t`` and its VJP (``grad_t -> grad_x``); ``tanh(x)`` by default."""
@@ -173,13 +195,15 @@ class RecurrenceBasis(PolynomialBasis):
         for n in range(2, self.degree + 1):
             step = t if (a[n] == 1.0 and not b[n]) else a[n] * t + b[n]
             polys.append(step * polys[-1] - c[n] * polys[-2])
-        return [F.silu(p) for p in polys] if self.silu_output else polys
+        if self.output_activation is None:
+            return polys
+        return [OUTPUT_ACTIVATIONS[self.output_activation].function(p) for p in polys]
 
     def expand_into(self, x: Tensor, out: Tensor) -> None:
         t, _ = self.argument(x)
         self._polynomials_into(t, *self.recurrence(list(self.parameters()), t), out)
-        if self.silu_output:
-            F.silu(out, inplace=True)
+        if self.output_activation is not None:
+            OUTPUT_ACTIVATIONS[self.output_activation].write_into(out, out)
 
     def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
                         ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]]:
@@ -188,14 +212,16 @@ class RecurrenceBasis(PolynomialBasis):
         with torch.enable_grad():
             a, b, c_graph = self.recurrence(leaves, t)
         c = c_graph.detach() if isinstance(c_graph, Tensor) else c_graph
-        polys = x.new_empty(out.shape) if self.silu_output else out
+        activation = (OUTPUT_ACTIVATIONS[self.output_activation]
+                      if self.output_activation is not None else None)
+        polys = x.new_empty(out.shape) if activation is not None else out
         self._polynomials_into(t, a, b, c, polys)
-        if self.silu_output:
-            torch.ops.aten.silu.out(polys, out=out)
+        if activation is not None:
+            activation.write_into(polys, out)
         trained = [leaf for leaf in leaves if leaf.requires_grad]
 
         def vjp(grad: Tensor) -> tuple[Tensor, list[Tensor]]:
-            g = torch.ops.aten.silu_backward(grad, polys) if self.silu_output else grad
+            g = grad if activation is None else activation.backward(grad, polys)
             grad_c = torch.zeros_like(c) if trained else None
             grad_t = torch.zeros_like(t) if self.degree < 2 else None
             for n in range(self.degree, 1, -1):  # reverse of P_n = (a t + b) P_{n-1} - c P_{n-2}
@@ -220,11 +246,6 @@ class RecurrenceBasis(PolynomialBasis):
         return vjp
 
 
-#: activations the Gram basis may apply to its polynomials (``basis_activation``)
-GRAM_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"silu": F.silu, "gelu": F.gelu,
-                                                           "relu": F.relu}
-
-
 @register_basis("kagn")
 class GramBasis(RecurrenceBasis):
     """Gram polynomials of ``tanh(x)`` with learnable recurrence weights ``beta``.
@@ -232,38 +253,18 @@ class GramBasis(RecurrenceBasis):
     P0 = 1, P1 = t, P_{n} = t P_{n-1} - beta(n-1, n) P_{n-2}, with
     beta(n, m) = w_n * (m + n)(m - n) n^2 / (m^2 / (4 n^2 - 1)); the basis is SiLU(P), or
     ``basis_activation``(P) (torch-conv-kan's ``GRAMLayer`` applies its ``act``, GELU in
-    ``mlp_kagn``; other than SiLU, autograd differentiates the basis).
+    ``mlp_kagn``).
     """
-
-    silu_output = True
 
     def __init__(self, in_channels: int, degree: int = 3, kernel_numel: int = 9,
                  basis_activation: str = "silu"):
         super().__init__(in_channels, degree, kernel_numel)
-        if basis_activation not in GRAM_ACTIVATIONS:
+        if basis_activation not in OUTPUT_ACTIVATIONS:
             raise OptionError("basis_activation", f"basis_activation must be one of "
-                              f"{sorted(GRAM_ACTIVATIONS)}, got {basis_activation!r}")
-        self.basis_activation = basis_activation
-        self.silu_output = basis_activation == "silu"
+                              f"{sorted(OUTPUT_ACTIVATIONS)}, got {basis_activation!r}")
+        self.basis_activation = self.output_activation = basis_activation
         std = 1.0 / (kernel_numel * in_channels * (degree + 1.0))
         self.beta_weights = nn.Parameter(torch.randn(degree + 1) * std)
-
-    def terms(self, x: Tensor) -> list[Tensor]:
-        polys = super().terms(x)
-        if self.silu_output:
-            return polys
-        return [GRAM_ACTIVATIONS[self.basis_activation](p) for p in polys]
-
-    def expand_into(self, x: Tensor, out: Tensor) -> None:
-        super().expand_into(x, out)
-        if not self.silu_output:
-            out.copy_(GRAM_ACTIVATIONS[self.basis_activation](out))
-
-    def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
-                        ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
-        if not self.silu_output:
-            return None  # autograd differentiates terms()
-        return super().expand_with_vjp(x, out, params)
 
     def recurrence(self, params: list[Tensor], like: Tensor
                    ) -> tuple[list[float], list[float], Tensor]:
@@ -686,7 +687,7 @@ def create_basis(family: str, in_channels: int, kernel_numel: int, **options) ->
 
 
 __all__ = [
-    "BASIS_REGISTRY", "GRAM_ACTIVATIONS", "RBF_INPUT_NORMS", "WAVELETS", "Basis",
+    "BASIS_REGISTRY", "OUTPUT_ACTIVATIONS", "RBF_INPUT_NORMS", "WAVELETS", "Basis",
     "BernsteinBasis", "BSplineBasis", "ChebyshevBasis", "GaussianRBFBasis", "GramBasis",
     "JacobiBasis", "LegendreBasis", "PolynomialBasis",
     "RecurrenceBasis",

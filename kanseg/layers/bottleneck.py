@@ -25,7 +25,9 @@ def bottleneck_width(in_per_group: int, out_per_group: int, dim_reduction: float
 
 
 class KANBottleneckConv(nn.Module):
-    """``act(norm(conv(base_act(x)) + out_proj(basis_conv(inner_proj(x)))))``."""
+    """``act(norm(conv(base_act(x)) + out_proj(basis_conv(inner_proj(x)))))``; the 1x1
+    projections have biases with ``projection_bias=True`` (torch-conv-kan's
+    ``BottleNeckGRAMLayer``)."""
 
     def __init__(
         self,
@@ -40,6 +42,7 @@ class KANBottleneckConv(nn.Module):
         groups: int = 1,
         dim_reduction: float = 4.0,
         min_internal: int = 16,
+        projection_bias: bool = False,
         basis_options: dict[str, Any] | None = None,
         norm: str | None = "instance",
         activation: str | None = "silu",
@@ -64,8 +67,10 @@ class KANBottleneckConv(nn.Module):
                                  min_internal)
         self.inner_channels = inner * groups
         conv_cls = conv_module(spatial_dims)
-        self.inner_proj = conv_cls(in_channels, self.inner_channels, 1, groups=groups, bias=False)
-        self.out_proj = conv_cls(self.inner_channels, out_channels, 1, groups=groups, bias=False)
+        self.inner_proj = conv_cls(in_channels, self.inner_channels, 1, groups=groups,
+                                   bias=projection_bias)
+        self.out_proj = conv_cls(self.inner_channels, out_channels, 1, groups=groups,
+                                 bias=projection_bias)
         ks = to_tuple(kernel_size, spatial_dims, "kernel_size")
         basis = create_basis(family, inner, prod(ks), **(basis_options or {}))
         self.core = KANConv(

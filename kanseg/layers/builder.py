@@ -32,6 +32,7 @@ def create_kan_conv(
     bottleneck: bool = False,
     dim_reduction: float = 4.0,
     min_internal: int = 16,
+    projection_bias: bool = False,
     **family_options,
 ) -> nn.Module:
     """Build a KAN convolution of any registered ``family`` in 1D, 2D or 3D.
@@ -42,7 +43,7 @@ def create_kan_conv(
     opt-in, or ``grouped``/``dense``; see :mod:`kanseg.layers.strategy`). Layer options not given
     take the family's ``layer_defaults`` (torch-conv-kan's choice of base activation, output
     norm and activation), then KANConv's. ``bottleneck=True`` wraps the basis conv in 1x1
-    squeeze / expand convs. ``dropout_placement``, ``dropout_type``, ``noise_scale`` and the
+    squeeze / expand convs (biased with ``projection_bias=True``). ``dropout_placement``, ``dropout_type``, ``noise_scale`` and the
     penalties ``l1_penalty``, ``l2_penalty``, ``l1_activation_penalty`` and
     ``l2_activation_penalty`` are those of :mod:`kanseg.layers.regularization`.
     ``moe_experts`` > 0 makes a mixture of that many such convs (``moe_top_k``,
@@ -55,7 +56,8 @@ def create_kan_conv(
     if moe.get("moe_experts"):
         return mixture_of_experts(create_kan_conv(
             family, spatial_dims, in_channels, out_channels, kernel_size, stride, padding,
-            dilation, groups, bottleneck, dim_reduction, min_internal, **family_options), **moe)
+            dilation, groups, bottleneck, dim_reduction, min_internal, projection_bias,
+            **family_options), **moe)
     conv_options = dict(basis_class(family).layer_defaults)
     conv_options.update({k: family_options.pop(k) for k in LAYER_OPTIONS if k in family_options})
     penalties = {k: conv_options.pop(k) for k in PENALTY_OPTIONS if k in conv_options}
@@ -69,8 +71,11 @@ def create_kan_conv(
         return attach_penalties(KANBottleneckConv(
             family, spatial_dims, in_channels, out_channels, kernel_size,
             dim_reduction=dim_reduction, min_internal=min_internal,
-            basis_options=family_options, **geometry, **conv_options,
+            projection_bias=projection_bias, basis_options=family_options, **geometry, **conv_options,
         ), **penalties)
+    if projection_bias:
+        raise OptionError("projection_bias", "projection_bias=True needs bottleneck=True (a "
+                          "plain KAN conv has no projections)")
     if groups < 1 or in_channels % groups:
         raise OptionError("groups",
                           f"in_channels ({in_channels}) must be divisible by groups ({groups})")

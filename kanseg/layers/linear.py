@@ -37,13 +37,12 @@ class KANLinear(nn.Module):
     ``ReLUKANLayer`` has one; so has ``FastKANLayer``'s base branch). The fastkan basis
     normalises its input across the features (``input_norm="channel_layer"``, torch-conv-kan's
     ``FastKANLayer``): per-feature normalisation over positions needs positions.
-    ``projection_bias=True`` (with ``bottleneck=True``) gives the bottleneck's squeeze and
-    expand projections biases, as torch-conv-kan's ``BottleNeckGRAMLayer`` has.
+    ``bottleneck=True, projection_bias=True`` is torch-conv-kan's ``BottleNeckGRAMLayer``
+    (biased squeeze and expand projections).
     """
 
     def __init__(self, family: str, in_features: int, out_features: int,
-                 norm: str | None = None, bias: bool = False, projection_bias: bool = False,
-                 **options):
+                 norm: str | None = None, bias: bool = False, **options):
         super().__init__()
         if family == "fastkan":
             input_norm = options.setdefault("input_norm", "channel_layer")
@@ -55,13 +54,6 @@ class KANLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.layer: KANConv | KANBottleneckConv = create_kan_conv(
             family, 1, in_features, out_features, 1, norm=_linear_norm(family, norm), **options)
-        if projection_bias:
-            if not isinstance(self.layer, KANBottleneckConv):
-                raise OptionError("projection_bias", "KANLinear: projection_bias=True needs a "
-                                  "bottleneck layer (bottleneck=True, no experts), got "
-                                  f"{type(self.layer).__name__}")
-            for projection in (self.layer.inner_proj, self.layer.out_proj):
-                projection.bias = nn.Parameter(torch.zeros(projection.out_channels))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:

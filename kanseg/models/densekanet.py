@@ -12,7 +12,6 @@ from torch.utils.checkpoint import checkpoint
 from kanseg.layers import create_norm
 from kanseg.layers.errors import OptionError
 from kanseg.layers.factories import conv_module
-from kanseg.layers.moe import MOE_OPTIONS
 
 from .blocks import ConvFactory, check_bottom_size
 from .heads import HeadMixin
@@ -167,9 +166,8 @@ class DenseKANet(HeadMixin, nn.Module):
         self.feature_channels.append(channels)
         self.feature_strides.append(stride)
         self.num_features = channels
-        head_options = {k: v for k, v in family_options.items() if k not in MOE_OPTIONS}
         self.build_head(num_classes, head_type, channels, dropout_linear, family,
-                        **head_options, **(BOTTLENECK_HEAD if head_bottleneck else {}))
+                        **family_options, **(BOTTLENECK_HEAD if head_bottleneck else {}))
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """The map before each downsampling after the stem, and the last map."""
@@ -198,9 +196,8 @@ register_model("densekanet", DenseKANet, dims=(1, 2, 3), task="classification",
 for _name, (_growth, _blocks) in DENSE_LAYOUTS.items():
     _tiny = TINY_OPTIONS if _name == "_tiny" else {}
     for _suffix, (_options, _label) in VARIANT_OPTIONS.items():
-        # torch-conv-kan's tiny MoE BN head (its tiny BN variant has one too, but
-        # densekanet_tiny_bn keeps the plain KAN head it was registered with)
-        _head = {"head_bottleneck": True} if _tiny and _suffix == "_moebn" else {}
+        # torch-conv-kan's tiny BN and MoE BN networks have a BottleNeckKAGN head
+        _head = {"head_bottleneck": True} if _tiny and _options else {}
         register_model(f"densekanet{_name}{_suffix}", DenseKANet, dims=(1, 2, 3),
                        task="classification", growth_rate=_growth, block_config=_blocks,
                        **_tiny, **_options, **_head,

@@ -18,13 +18,15 @@ linear layers take the network's family options, and ``head_activation`` as thei
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kanseg.layers import ACTIVATIONS, KANLinear, OptionError, basis_class
+from kanseg.layers import ACTIVATIONS, KANLinear, OptionError
+from kanseg.layers.moe import MOE_OPTIONS
+
+from .registry import family_option_names
 
 HEAD_TYPES = ("Linear", "VGG", "KAN", "HiddenKAN", "Matryoshka", "KANtryoshka", None)
 
@@ -70,9 +72,12 @@ class HeadMixin:
     def build_head(self, num_classes: int, head_type: str | None, in_features: int,
                    dropout_linear: float, family: str, **family_options: Any) -> None:
         """Record ``head_options`` (:func:`create_head`'s arguments but ``num_classes``) and
-        build the head for ``num_classes``."""
+        build the head for ``num_classes``. Heads are no mixtures of experts: the network's
+        ``moe_*`` options are left out."""
         self.head_options = dict(head_type=head_type, in_features=in_features,
-                                 dropout_linear=dropout_linear, family=family, **family_options)
+                                 dropout_linear=dropout_linear, family=family,
+                                 **{k: v for k, v in family_options.items()
+                                    if k not in MOE_OPTIONS})
         self.reset_classifier(num_classes)
 
     def get_classifier(self) -> nn.Module:
@@ -96,7 +101,7 @@ def _kan_activation_options(family: str, activation: str | None) -> dict[str, st
         raise OptionError("head_activation", f"head_activation must be one of "
                           f"{sorted(ACTIVATIONS)} or None, got {activation!r}")
     options = {"base_activation": activation, "activation": activation}
-    if "basis_activation" in inspect.signature(basis_class(family)).parameters:
+    if "basis_activation" in family_option_names(family):
         options["basis_activation"] = activation
     return options
 

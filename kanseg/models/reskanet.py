@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from kanseg.layers.errors import OptionError
-from kanseg.layers.moe import MOE_OPTIONS
 
 from .blocks import BLOCK_KINDS, ConvFactory, res_stage
 from .heads import HeadMixin
@@ -114,7 +113,7 @@ class ResKANet(HeadMixin, nn.Module):
             channels = out
         self.hidden = _hidden_conv(conv, style, channels, hidden_dim)
         self.build_head(num_classes, head_type, hidden_dim or channels, dropout_linear, family,
-                        **{k: v for k, v in family_options.items() if k not in MOE_OPTIONS})
+                        **family_options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps of the stem and of each stage (at ``feature_strides``)."""

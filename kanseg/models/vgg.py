@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from kanseg.layers.attention import KANSelfAttention
 from kanseg.layers.errors import OptionError
+from kanseg.layers.moe import MOE_OPTIONS
 
 from .blocks import ConvFactory, check_bottom_size
 from .heads import HeadMixin
@@ -93,8 +94,8 @@ class VGGKAN(HeadMixin, nn.Module):
     ):
         super().__init__()
         layout = vgg_layout(vgg_type)
-        # the attention layers and the KAN heads are no mixtures of experts
-        plain_options = {k: v for k, v in family_options.items() if not k.startswith("moe_")}
+        # the attention layers are no mixtures of experts
+        plain_options = {k: v for k, v in family_options.items() if k not in MOE_OPTIONS}
 
         def attention(channels: int) -> KANSelfAttention:
             inner = channels // sa_inner_projection if sa_inner_projection else None
@@ -131,7 +132,7 @@ class VGGKAN(HeadMixin, nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(self.expected_feature_shape)
         flat = channels * prod(self.expected_feature_shape)
         self.build_head(num_classes, head_type, flat, dropout_linear, family,
-                        head_activation=head_activation, **plain_options)
+                        head_activation=head_activation, **family_options)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps at strides 1, 2, 4, ... (one per stage, the last is the deepest)."""
