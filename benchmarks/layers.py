@@ -11,6 +11,11 @@ the same run, round-robin so that load from other processes hits all of them ali
   time from the reference checkout ``../shared/reference/torch-conv-kan`` next to this repository
   (``--tck``); the column is skipped when it is absent.
 
+Like the command-line programs, the benchmark keeps freed memory in the process
+(:mod:`kanseg.allocator`; ``KANSEG_ALLOCATOR=system`` keeps glibc's defaults). Floors count
+every expanded channel (``in * (degree + 2)``); the layers leave the constant ``P_0`` out of
+their convolution, so they can run under their floor.
+
 Run ``python benchmarks/layers.py --help``.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from kanseg.allocator import keep_freed_memory
 from kanseg.layers import BASIS_REGISTRY, KANConv, create_kan_conv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time every KAN layer under torch.compile (inductor; the "
                              "first calls compile, outside the timing)")
     args = parser.parse_args(argv)
+    allocator = "keeps freed memory" if keep_freed_memory() else "system default"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     torch.set_default_device(args.device)
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {device}, {args.dtype}, repeats={repeats}, "
-          f"batch x{args.batch_scale}, torch-conv-kan: {'yes' if tck else 'absent'}")
+          f"batch x{args.batch_scale}, torch-conv-kan: {'yes' if tck else 'absent'}, "
+          f"allocator: {allocator}")
     header = ("| family | dims | groups | fwd+bwd ms | x plain | x floor | x tck | saved / input "
               "| no-grad fwd ms | no-grad x floor |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []

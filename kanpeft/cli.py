@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Sequence
 
+from kanseg.allocator import keep_freed_memory
 from kanseg.schema import show_deprecations_plainly
 
 DESCRIPTION = """\
@@ -138,6 +139,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     show_deprecations_plainly("kanpeft")
     parser = build_parser()
     args = parser.parse_args(argv)

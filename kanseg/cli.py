@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Sequence
 
+from kanseg.allocator import keep_freed_memory
 from kanseg.schema import show_deprecations_plainly
 
 DESCRIPTION = """\
@@ -72,6 +73,7 @@ def _command(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     show_deprecations_plainly("kanseg")
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)

@@ -101,3 +101,28 @@ def test_saved_for_backward_within_four_times_input(family, groups, dims):
         layer(x)
     ratio = sum(storages.values()) / (x.numel() * x.element_size())
     assert ratio <= 4.0, ratio
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_constant_basis_function_folded_into_an_all_ones_convolution(dims, activation):
+    """P_0 is not convolved channel by channel: its weights, summed over each group's input
+    channels, convolve one all-ones image. With zero padding, stride and dilation this equals
+    the convolution of the full stack (values; gradients of x, weights and beta), with and
+    without autograd."""
+    layer = make("kagn", dims=dims, norm="none", basis_activation=activation, **GEOMETRY)
+    assert layer.basis.constant_values() == pytest.approx(
+        (torch.nn.functional.__dict__[activation](torch.tensor(1.0)).item(),))
+    assert layer.n_convolved == layer.n_expanded - 1
+
+    def full_stack(inp):
+        stack = torch.stack([layer.base_activation(inp), *layer.basis.terms(inp)], 2)
+        return layer.act(layer.conv(stack.flatten(1, 2), layer.fused_weight(), layer.groups))
+
+    x = torch.randn((2, 4) + (7,) * dims, dtype=torch.float64)
+    for recompute in (True, False):
+        layer.recompute = recompute
+        for a, b in zip(_grads(layer, x), _grads(layer, x, full_stack)):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), full_stack(x))

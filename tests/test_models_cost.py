@@ -29,8 +29,9 @@ def test_kan_conv_counts_its_expanded_convolution():
     floor = 2 * 2 * 3 * 9 * 16 * 16 / 1e9  # a plain conv of the same shape
     gflops = forward_gflops(conv, torch.randn(1, 2, 16, 16))
     assert gflops > floor
-    # base slot + degree + 1 Gram polynomials per input channel
-    assert gflops == pytest.approx(floor * conv.n_expanded)
+    # base slot + degree Gram polynomials per input channel, P_0 = 1 as one all-ones image
+    assert conv.n_convolved == conv.n_expanded - 1 == 4
+    assert gflops == pytest.approx(floor * conv.n_convolved + 2 * 3 * 9 * 16 * 16 / 1e9)
     conv.train()  # the recomputing autograd Function is counted as well
     counter = torch.utils.flop_counter.FlopCounterMode(display=False)
     with counter:

@@ -59,17 +59,29 @@ class Basis(nn.Module):
         """The ``n_basis`` basis functions of ``x``, each shaped like ``x``."""
         return list(self(x).unbind(2))
 
+    def constant_values(self) -> tuple[float, ...]:
+        """Values of the leading basis functions that do not depend on ``x`` (``P_0 = 1`` of
+        the polynomial recurrences); none by default. The layer does not convolve them channel
+        by channel: their weights, summed over the input channels, convolve one all-ones image.
+        """
+        return ()
+
+    def varying_terms(self, x: Tensor) -> list[Tensor]:
+        """The basis functions after the constant ones."""
+        return self.terms(x)[len(self.constant_values()):]
+
     def expand_into(self, x: Tensor, out: Tensor) -> None:
-        """Write the basis functions of ``x`` into ``out`` (``(B, C, n_basis, *S)``, possibly a
-        strided view). Used without autograd; families may override it to skip temporaries."""
-        for k, term in enumerate(self.terms(x)):
+        """Write :meth:`varying_terms` of ``x`` into ``out`` (``(B, C, n_varying, *S)``,
+        possibly a strided view). Used without autograd; families may override it to skip
+        temporaries."""
+        for k, term in enumerate(self.varying_terms(x)):
             out[:, :, k] = term
 
     def expand_with_vjp(self, x: Tensor, out: Tensor, params: list[Tensor]
                         ) -> Callable[[Tensor], tuple[Tensor, list[Tensor]]] | None:
         """Like :meth:`expand_into` but evaluated with ``params`` (the basis parameters in
         ``parameters()`` order), returning the analytic vector-Jacobian product of the basis:
-        a function of ``grad`` (``(B, C, n_basis, *S)``) giving the gradients of ``x`` and of
+        a function of ``grad`` (shaped like ``out``) giving the gradients of ``x`` and of
         each parameter. Returns None, writing nothing, to let autograd differentiate the basis
         (the default)."""
         return None
@@ -127,22 +139,25 @@ def _sub_scaled_(target: Tensor, tensor: Tensor, scale: Tensor | float) -> None:
 
 class OutputActivation(NamedTuple):
     """An activation of the basis functions: differentiable, written into a tensor (``out``
-    may be the input itself), and its backward ``(grad, input) -> grad_input``."""
+    may be the input itself), its backward ``(grad, input) -> grad_input`` and its value at 1
+    (the activated ``P_0``)."""
 
     function: Callable[[Tensor], Tensor]
     write_into: Callable[[Tensor, Tensor], Tensor]
     backward: Callable[[Tensor, Tensor], Tensor]
+    at_one: float
 
 
 #: activations a recurrence basis may apply to its polynomials
 OUTPUT_ACTIVATIONS: dict[str, OutputActivation] = {
     "silu": OutputActivation(F.silu, lambda p, out: torch.ops.aten.silu.out(p, out=out),
-                             torch.ops.aten.silu_backward),
+                             torch.ops.aten.silu_backward, 1.0 / (1.0 + math.exp(-1.0))),
     # (aten's gelu.out ignores the strides of a non-contiguous ``out``: through a temporary)
     "gelu": OutputActivation(F.gelu, lambda p, out: out.copy_(F.gelu(p)),
-                             lambda grad, p: torch.ops.aten.gelu_backward(grad, p)),
+                             lambda grad, p: torch.ops.aten.gelu_backward(grad, p),
+                             0.5 * (1.0 + math.erf(1.0 / math.sqrt(2.0)))),
     "relu": OutputActivation(F.relu, lambda p, out: torch.clamp(p, min=0, out=out),
-                             lambda grad, p: torch.ops.aten.threshold_backward(grad, p, 0)),
+                             lambda grad, p: torch.ops.aten.threshold_backward(grad, p, 0), 1.0),
 }
 
 
@@ -170,21 +185,30 @@ class RecurrenceBasis(PolynomialBasis):
         parameters in order)."""
         raise NotImplementedError
 
+    def constant_values(self) -> tuple[float, ...]:
+        if self.output_activation is None:
+            return (1.0,)
+        return (OUTPUT_ACTIVATIONS[self.output_activation].at_one,)
+
     def _polynomials_into(self, t: Tensor, a: list[float], b: list[float],
                           c: Tensor | list[float], out: Tensor) -> None:
-        """P_0..P_degree of ``t`` written into ``out[:, :, n]``, without autograd."""
-        out[:, :, 0] = 1.0
+        """P_1..P_degree of ``t`` written into ``out[:, :, n - 1]`` (P_0 = 1 is implicit),
+        without autograd."""
         if self.degree >= 1:
-            out[:, :, 1] = t
+            out[:, :, 0] = t
             if a[1] != 1.0 or b[1]:
-                out[:, :, 1].mul_(a[1]).add_(b[1])
+                out[:, :, 0].mul_(a[1]).add_(b[1])
         for n in range(2, self.degree + 1):
-            torch.mul(t, out[:, :, n - 1], out=out[:, :, n])
+            p_n, p_prev = out[:, :, n - 1], out[:, :, n - 2]
+            torch.mul(t, p_prev, out=p_n)
             if a[n] != 1.0:
-                out[:, :, n].mul_(a[n])
+                p_n.mul_(a[n])
             if b[n]:
-                out[:, :, n].add_(out[:, :, n - 1], alpha=b[n])
-            _sub_scaled_(out[:, :, n], out[:, :, n - 2], c[n])
+                p_n.add_(p_prev, alpha=b[n])
+            if n == 2:
+                p_n.sub_(c[n])
+            else:
+                _sub_scaled_(p_n, out[:, :, n - 3], c[n])
 
     def terms(self, x: Tensor) -> list[Tensor]:
         t, _ = self.argument(x)
@@ -214,7 +238,7 @@ class RecurrenceBasis(PolynomialBasis):
         c = c_graph.detach() if isinstance(c_graph, Tensor) else c_graph
         activation = (OUTPUT_ACTIVATIONS[self.output_activation]
                       if self.output_activation is not None else None)
-        polys = x.new_empty(out.shape) if activation is not None else out
+        polys = x.new_empty(out.shape) if activation is not None else out  # P_1..P_degree
         self._polynomials_into(t, a, b, c, polys)
         if activation is not None:
             activation.write_into(polys, out)
@@ -225,21 +249,22 @@ class RecurrenceBasis(PolynomialBasis):
             grad_c = torch.zeros_like(c) if trained else None
             grad_t = torch.zeros_like(t) if self.degree < 2 else None
             for n in range(self.degree, 1, -1):  # reverse of P_n = (a t + b) P_{n-1} - c P_{n-2}
-                g_n = g[:, :, n]
+                g_n, p_prev = g[:, :, n - 1], polys[:, :, n - 2]
                 if trained:
-                    grad_c[n] = -(g_n * polys[:, :, n - 2]).sum()
+                    grad_c[n] = -(g_n.sum() if n == 2 else (g_n * polys[:, :, n - 3]).sum())
                 if grad_t is None:
-                    grad_t = g_n * polys[:, :, n - 1]
+                    grad_t = g_n * p_prev
                     if a[n] != 1.0:
                         grad_t.mul_(a[n])
                 else:
-                    grad_t.addcmul_(g_n, polys[:, :, n - 1], value=a[n])
-                g[:, :, n - 1].addcmul_(g_n, t, value=a[n])
+                    grad_t.addcmul_(g_n, p_prev, value=a[n])
+                g[:, :, n - 2].addcmul_(g_n, t, value=a[n])
                 if b[n]:
-                    g[:, :, n - 1].add_(g_n, alpha=b[n])
-                _sub_scaled_(g[:, :, n - 2], g_n, c[n])
+                    g[:, :, n - 2].add_(g_n, alpha=b[n])
+                if n > 2:
+                    _sub_scaled_(g[:, :, n - 3], g_n, c[n])
             if self.degree >= 1:
-                grad_t.add_(g[:, :, 1], alpha=a[1])
+                grad_t.add_(g[:, :, 0], alpha=a[1])
             grads = iter(torch.autograd.grad(c_graph, trained, grad_c) if trained else [])
             return t_vjp(grad_t), [next(grads) if leaf.requires_grad else None for leaf in leaves]
 

@@ -6,8 +6,12 @@ Both branches run as a single convolution over the per-channel stack
 ``[base_act(x), basis_0(x), ..., basis_{n-1}(x)]`` (channel-major layout: expanded channel
 ``c * (n_basis + 1) + j``), with weights kept as two tensors (``base_weight`` and
 ``basis_weight``) so that adapters and checkpoint importers can address them separately.
-With ``recompute=True`` the expanded stack is not kept for backward: it is rebuilt from ``x``
-in the backward pass (see :class:`kanseg.layers.expansion.ExpandConv`).
+Basis functions that are constants (``P_0 = 1`` of the polynomial families) are left out of
+the stack: their weights, summed over each group's input channels, convolve one all-ones image
+(the same result with zero padding, for ``1 / (C * n_expanded)`` of the arithmetic), so the
+convolution reads ``n_convolved`` channels per input channel. With ``recompute=True`` the
+stack is not kept for backward: it is rebuilt from ``x`` in the backward pass (see
+:class:`kanseg.layers.expansion.ExpandConv`).
 """
 from __future__ import annotations
 
@@ -114,16 +118,45 @@ class KANConv(nn.Module):
         """Expanded channels per input channel (basis plus base slot)."""
         return self.basis.n_basis + (1 if self.base_weight is not None else 0)
 
-    def fused_weight(self) -> Tensor:
-        """Weight over the channel-major stack ``[base, basis_0, ...]`` per input channel."""
+    @property
+    def n_convolved(self) -> int:
+        """Expanded channels per input channel that the fused convolution reads (the constant
+        basis functions are left out)."""
+        return self.n_expanded - len(self.basis.constant_values())
+
+    def fused_weight(self, first_basis: int = 0) -> Tensor:
+        """Weight over the channel-major stack ``[base, basis_first_basis, ...]`` per input
+        channel (``first_basis=0``: every basis function)."""
         out_ch, k = self.out_channels, self.kernel_size
-        basis_w = self.basis_weight.view(out_ch, -1, self.basis.n_basis, *k)
-        if self.base_weight is None:
-            return self.basis_weight
-        return torch.cat([self.base_weight.unsqueeze(2), basis_w], dim=2).flatten(1, 2)
+        basis_w = self.basis_weight.view(out_ch, -1, self.basis.n_basis, *k)[:, :, first_basis:]
+        if self.base_weight is not None:
+            basis_w = torch.cat([self.base_weight.unsqueeze(2), basis_w], dim=2)
+        return basis_w.flatten(1, 2)
+
+    def constant_weight(self) -> Tensor | None:
+        """``(out, 1, *kernel)``: the weights of the constant basis functions times their
+        values, summed over each output channel's input channels; None without constants."""
+        values = self.basis.constant_values()
+        if not values:
+            return None
+        out_ch, k = self.out_channels, self.kernel_size
+        basis_w = self.basis_weight.view(out_ch, -1, self.basis.n_basis, *k)[:, :, :len(values)]
+        scale = basis_w.new_tensor(values).view((1, 1, -1) + (1,) * len(k))
+        return (basis_w * scale).sum((1, 2)).unsqueeze(1)
+
+    def constant_response(self, x: Tensor) -> Tensor | None:
+        """``(1, out, *S_out)``: the constant basis functions' share of the convolution, an
+        all-ones image convolved with :meth:`constant_weight`; None without constants."""
+        weight = self.constant_weight()
+        if weight is None:
+            return None
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        ones = x.new_ones((1, 1) + tuple(x.shape[2:]), dtype=dtype)
+        return self.conv(ones, weight.to(dtype), 1)
 
     def expand(self, x: Tensor) -> Tensor:
-        """Expanded per-channel stack fed to the fused convolution."""
+        """Expanded per-channel stack fed to the fused convolution (without the constant basis
+        functions)."""
         return expand(x, self.basis, self.base_activation)
 
     def expand_with_dropout(self, x: Tensor) -> Tensor:
@@ -148,10 +181,11 @@ class KANConv(nn.Module):
         fn = conv_function(self.spatial_dims)
         return fn(expanded, weight, None, self.stride, self.padding, self.dilation, groups)
 
-    def conv_weight(self, x: Tensor) -> tuple[Tensor, int]:
-        """Fused weight and groups for the strategy (grouped or block-diagonal) chosen for ``x``."""
-        weight = self.fused_weight()
-        expanded_shape = (x.shape[0], self.in_channels * self.n_expanded) + tuple(x.shape[2:])
+    def conv_weight(self, x: Tensor, first_basis: int = 0) -> tuple[Tensor, int]:
+        """Fused weight (see :meth:`fused_weight`) and groups for the strategy (grouped or
+        block-diagonal) chosen for ``x``."""
+        weight = self.fused_weight(first_basis)
+        expanded_shape = (x.shape[0], weight.shape[1] * self.groups) + tuple(x.shape[2:])
         strategy = conv_strategy(self.conv_strategy, expanded_shape, tuple(weight.shape),
                                  autocast_dtype(x) or x.dtype, x.device,
                                  (self.stride, self.padding, self.dilation), self.groups)
@@ -168,14 +202,18 @@ class KANConv(nn.Module):
         dropout = self.dropout if self.training else None
         if dropout is not None and self.dropout_placement == "full":
             x = dropout(x)
-        weight, groups = self.conv_weight(x)
         if dropout is not None and self.dropout_placement != "full":
-            y = self.conv(self.expand_with_dropout(x), weight, groups)
-        elif self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
+            y = self.conv(self.expand_with_dropout(x), *self.conv_weight(x))
+            return self.act(self.norm(y))
+        constant = self.constant_response(x)
+        if not self.n_convolved:  # degree 0 without base branch: the constant alone
+            return self.act(self.norm(constant.expand((x.shape[0],) + constant.shape[1:])))
+        weight, groups = self.conv_weight(x, first_basis=len(self.basis.constant_values()))
+        if self.recompute and torch.is_grad_enabled() and not torch.jit.is_tracing():
             y = ExpandConv.apply(x, weight, self, groups, *self.expansion_parameters())
         else:
             y = self.conv(self.expand(x), weight, groups)
-        return self.act(self.norm(y))
+        return self.act(self.norm(y if constant is None else y.add_(constant)))
 
     def extra_repr(self) -> str:
         return (

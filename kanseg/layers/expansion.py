@@ -1,5 +1,9 @@
-"""The expansion ``x -> [base_act(x), basis_0(x), ..., basis_{n-1}(x)]`` and the autograd
-Function that convolves it without keeping it for backward (recompute, analytic VJPs)."""
+"""The expansion ``x -> [base_act(x), varying basis functions of x]`` and the autograd
+Function that convolves it without keeping it for backward (recompute, analytic VJPs).
+
+Basis functions that do not depend on ``x`` (:meth:`Basis.constant_values`) are not part of
+the expansion: the layer convolves them as one all-ones image (see :class:`KANConv`).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,14 +26,16 @@ def expand_with_base(x: Tensor, terms: list[Tensor], base_activation: nn.Module 
 
 
 def expand(x: Tensor, basis: Basis, base_activation: nn.Module | None) -> Tensor:
-    """``expand_with_base(x, basis.terms(x), base_activation)``; without autograd, the base slot
-    and the basis functions are written straight into one preallocated buffer (not while
-    tracing or compiling: traced graphs must also run with autograd on, and the compiler fuses
-    the plain expression itself)."""
+    """``expand_with_base(x, basis.varying_terms(x), base_activation)``; without autograd, the
+    base slot and the basis functions are written straight into one preallocated buffer (not
+    while tracing or compiling: traced graphs must also run with autograd on, and the compiler
+    fuses the plain expression itself)."""
     if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return expand_with_base(x, basis.terms(x), base_activation)
+        return expand_with_base(x, basis.varying_terms(x), base_activation)
     n_base = 0 if base_activation is None else 1
-    out = x.new_empty((x.shape[0], x.shape[1], n_base + basis.n_basis) + tuple(x.shape[2:]))
+    n_varying = basis.n_basis - len(basis.constant_values())
+    shape = (x.shape[0], x.shape[1], n_base + n_varying) + tuple(x.shape[2:])
+    out = x.new_empty(shape)
     if base_activation is not None:
         write_base(base_activation, x, out[:, :, 0])
     basis.expand_into(x, out[:, :, n_base:])
@@ -129,7 +135,7 @@ class ExpandConv(torch.autograd.Function):
         :meth:`Basis.expand_with_vjp`; None if the basis declines (then autograd is used)."""
         layer: KANConv = ctx.layer
         n_base = 0 if layer.base_activation is None else 1
-        shape = (x.shape[0], x.shape[1], layer.n_expanded) + tuple(x.shape[2:])
+        shape = (x.shape[0], x.shape[1], layer.n_convolved) + tuple(x.shape[2:])
         with torch.no_grad():
             out = x.new_empty(shape)
             vjp = layer.basis.expand_with_vjp(x, out[:, :, n_base:], list(params))
