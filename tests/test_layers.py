@@ -437,6 +437,9 @@ def test_default_strategy_is_deterministic_without_timing(monkeypatch, dims, gro
     x = torch.randn((1, 2 * groups) + (4,) * dims)
     layer(x).sum().backward()
     assert layer.conv_weight(x)[1] == (1 if expected == "dense" else groups)
+    with torch.no_grad():  # inference: grouped (oneDNN's grouped 3D forward is fast)
+        layer(x)
+        assert layer.conv_weight(x)[1] == groups
 
 
 def test_gradcheck_learnable_base_activation_with_recompute():

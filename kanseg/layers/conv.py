@@ -188,7 +188,8 @@ class KANConv(nn.Module):
         expanded_shape = (x.shape[0], weight.shape[1] * self.groups) + tuple(x.shape[2:])
         strategy = conv_strategy(self.conv_strategy, expanded_shape, tuple(weight.shape),
                                  autocast_dtype(x) or x.dtype, x.device,
-                                 (self.stride, self.padding, self.dilation), self.groups)
+                                 (self.stride, self.padding, self.dilation), self.groups,
+                                 backward=torch.is_grad_enabled())
         if strategy == "dense":
             return block_diagonal(weight, self.groups), 1
         return weight, self.groups

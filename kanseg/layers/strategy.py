@@ -2,9 +2,11 @@
 weight (oneDNN's grouped 3D convolutions on CPU can be several times slower than a dense one
 with ``groups`` times the arithmetic).
 
-* ``"heuristic"`` (the default) decides from the device, the number of spatial dims and
-  ``groups`` alone, so a run (and its resume) never depends on timing noise: dense for 3D
-  convolutions on CPU with ``2 <= groups <= DENSE_MAX_GROUPS``, grouped otherwise.
+* ``"heuristic"`` (the default) decides from the device, the number of spatial dims,
+  ``groups`` and whether autograd is on, so a run (and its resume) never depends on timing
+  noise: dense for 3D convolutions on CPU with ``2 <= groups <= DENSE_MAX_GROUPS`` under
+  autograd (oneDNN's grouped 3D backward is the slow part), grouped otherwise (also for
+  no-grad forwards: inference and validation).
 * ``"auto"`` (opt-in) measures both once per (device, dtype, shapes, geometry) and caches the
   faster in a plain dict keyed by strings and ints; the choice may differ between runs.
 * ``"grouped"`` / ``"dense"`` force one.
@@ -62,9 +64,11 @@ def _measure(input_shape: tuple[int, ...], weight_shape: tuple[int, ...], dtype:
 
 
 def conv_strategy(requested: str, input_shape: tuple[int, ...], weight_shape: tuple[int, ...],
-                  dtype: torch.dtype, device: torch.device, geometry: tuple, groups: int) -> str:
+                  dtype: torch.dtype, device: torch.device, geometry: tuple, groups: int,
+                  backward: bool = True) -> str:
     """``"grouped"`` or ``"dense"`` for convolving an input of ``input_shape`` with a grouped
-    weight of ``weight_shape``; ``geometry`` is ``(stride, padding, dilation)``.
+    weight of ``weight_shape``; ``geometry`` is ``(stride, padding, dilation)``; ``backward``:
+    whether autograd will run the convolution's backward.
 
     ``"heuristic"`` and ``"auto"`` choose ``"grouped"`` off CPU and for ``groups == 1``;
     ``"auto"`` also while tracing or compiling (unless that key was already measured).
@@ -74,7 +78,7 @@ def conv_strategy(requested: str, input_shape: tuple[int, ...], weight_shape: tu
     if groups == 1 or device.type != "cpu":
         return "grouped"
     if requested == "heuristic":
-        dense = len(input_shape) == 5 and groups <= DENSE_MAX_GROUPS
+        dense = backward and len(input_shape) == 5 and groups <= DENSE_MAX_GROUPS
         return "dense" if dense else "grouped"
     key = (device.type, str(dtype), tuple(input_shape), tuple(weight_shape), *geometry, groups)
     if key not in _DECISIONS:
