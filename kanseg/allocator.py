@@ -7,8 +7,8 @@ of a UKANet-3D or MONAI UNet training step (`kanseg models --cost`, see README's
 Performance). :func:`keep_freed_memory` raises glibc's mmap and trim thresholds so that blocks
 up to :data:`KEEP_BYTES` come from the heap and freed memory stays there for reuse; the price
 is that the process's resident memory stays at its peak instead of shrinking between steps.
-``kanseg``, ``kanpeft`` and the benchmarks call it first; ``KANSEG_ALLOCATOR=system`` keeps
-glibc's defaults. Elsewhere (macOS, Windows, musl) it does nothing.
+``kanseg`` and ``kanpeft`` (so the benchmarks that run them) and ``benchmarks/layers.py`` call
+it first; ``KANSEG_ALLOCATOR=system`` keeps glibc's defaults. Elsewhere (macOS, Windows, musl) it does nothing.
 """
 from __future__ import annotations
 

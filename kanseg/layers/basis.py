@@ -66,6 +66,11 @@ class Basis(nn.Module):
         """
         return ()
 
+    @property
+    def n_varying(self) -> int:
+        """Basis functions after the constant ones."""
+        return self.n_basis - len(self.constant_values())
+
     def varying_terms(self, x: Tensor) -> list[Tensor]:
         """The basis functions after the constant ones."""
         return self.terms(x)[len(self.constant_values()):]
@@ -211,14 +216,21 @@ class RecurrenceBasis(PolynomialBasis):
                 _sub_scaled_(p_n, out[:, :, n - 3], c[n])
 
     def terms(self, x: Tensor) -> list[Tensor]:
+        return [torch.full_like(x, self.constant_values()[0]), *self.varying_terms(x)]
+
+    def varying_terms(self, x: Tensor) -> list[Tensor]:
+        """P_1..P_degree (activated) under autograd; P_0 = 1 enters through ``c_2``."""
         t, _ = self.argument(x)
         a, b, c = self.recurrence(list(self.parameters()), t)
-        polys = [torch.ones_like(t)]
-        if self.degree >= 1:
-            polys.append(a[1] * t + b[1])
-        for n in range(2, self.degree + 1):
+        polys: list[Tensor] = []
+        for n in range(1, self.degree + 1):
             step = t if (a[n] == 1.0 and not b[n]) else a[n] * t + b[n]
-            polys.append(step * polys[-1] - c[n] * polys[-2])
+            if n == 1:
+                polys.append(step)
+            elif n == 2:
+                polys.append(step * polys[-1] - c[n])
+            else:
+                polys.append(step * polys[-1] - c[n] * polys[-2])
         if self.output_activation is None:
             return polys
         return [OUTPUT_ACTIVATIONS[self.output_activation].function(p) for p in polys]

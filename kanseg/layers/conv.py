@@ -122,13 +122,17 @@ class KANConv(nn.Module):
     def n_convolved(self) -> int:
         """Expanded channels per input channel that the fused convolution reads (the constant
         basis functions are left out)."""
-        return self.n_expanded - len(self.basis.constant_values())
+        return self.n_expanded - self.basis.n_basis + self.basis.n_varying
+
+    def weight_per_basis_function(self) -> Tensor:
+        """``basis_weight`` as ``(out, in / groups, n_basis, *kernel)``."""
+        return self.basis_weight.view(self.out_channels, -1, self.basis.n_basis,
+                                      *self.kernel_size)
 
     def fused_weight(self, first_basis: int = 0) -> Tensor:
         """Weight over the channel-major stack ``[base, basis_first_basis, ...]`` per input
         channel (``first_basis=0``: every basis function)."""
-        out_ch, k = self.out_channels, self.kernel_size
-        basis_w = self.basis_weight.view(out_ch, -1, self.basis.n_basis, *k)[:, :, first_basis:]
+        basis_w = self.weight_per_basis_function()[:, :, first_basis:]
         if self.base_weight is not None:
             basis_w = torch.cat([self.base_weight.unsqueeze(2), basis_w], dim=2)
         return basis_w.flatten(1, 2)
@@ -139,9 +143,8 @@ class KANConv(nn.Module):
         values = self.basis.constant_values()
         if not values:
             return None
-        out_ch, k = self.out_channels, self.kernel_size
-        basis_w = self.basis_weight.view(out_ch, -1, self.basis.n_basis, *k)[:, :, :len(values)]
-        scale = basis_w.new_tensor(values).view((1, 1, -1) + (1,) * len(k))
+        basis_w = self.weight_per_basis_function()[:, :, :len(values)]
+        scale = basis_w.new_tensor(values).view((1, 1, -1) + (1,) * self.spatial_dims)
         return (basis_w * scale).sum((1, 2)).unsqueeze(1)
 
     def constant_response(self, x: Tensor) -> Tensor | None:

@@ -33,9 +33,7 @@ def expand(x: Tensor, basis: Basis, base_activation: nn.Module | None) -> Tensor
     if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return expand_with_base(x, basis.varying_terms(x), base_activation)
     n_base = 0 if base_activation is None else 1
-    n_varying = basis.n_basis - len(basis.constant_values())
-    shape = (x.shape[0], x.shape[1], n_base + n_varying) + tuple(x.shape[2:])
-    out = x.new_empty(shape)
+    out = x.new_empty((x.shape[0], x.shape[1], n_base + basis.n_varying) + tuple(x.shape[2:]))
     if base_activation is not None:
         write_base(base_activation, x, out[:, :, 0])
     basis.expand_into(x, out[:, :, n_base:])
