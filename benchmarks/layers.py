@@ -11,6 +11,10 @@ the same run, round-robin so that load from other processes hits all of them ali
   time from the reference checkout ``../shared/reference/torch-conv-kan`` next to this repository
   (``--tck``); the column is skipped when it is absent.
 
+KAGN also runs with ``compile_expansion=True`` (the expansion and its backward as
+inductor-compiled kernels; the first calls compile, outside the timing) and with
+``recompute=False``; ``--compile`` adds every KAN layer under ``torch.compile`` as a whole.
+
 Like the command-line programs, the benchmark keeps freed memory in the process
 (:mod:`kanseg.allocator`; ``KANSEG_ALLOCATOR=system`` keeps glibc's defaults). Floors count
 every expanded channel (``in * (degree + 2)``); the layers leave the constant ``P_0`` out of
@@ -122,6 +126,9 @@ def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: in
             runs[f"floor{width}"] = (CONV[dims](width, channels, 3, padding=1, groups=groups, bias=False),
                                      floor_x)
     if "kagn" in families:
+        runs["kagn compile_expansion"] = (create_kan_conv(
+            "kagn", dims, channels, channels, 3, padding=1, groups=groups,
+            compile_expansion=True), x)
         saving = create_kan_conv("kagn", dims, channels, channels, 3, padding=1, groups=groups,
                                  recompute=False)
         runs["kagn recompute=False"] = (saving, x)
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             train, no_grad = times["train"], times["no_grad"]
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
             compiled = [f"{family} compiled" for family in families]
-            for name in [*families, *compiled, "kagn recompute=False",
+            for name in [*families, *compiled, "kagn compile_expansion", "kagn recompute=False",
                          "kagn recompute=False compiled", "tck", "plain"]:
                 if name not in runs:
                     continue

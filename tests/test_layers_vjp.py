@@ -7,7 +7,7 @@ import torch
 
 from kanseg.layers import BASIS_REGISTRY, Basis, create_kan_conv
 
-from test_layers import _gradcheck_layer, make, ref_layer
+from test_layers import _gradcheck_layer, make, ref_layer, saved_bytes
 
 ANALYTIC = sorted(name for name, cls in BASIS_REGISTRY.items()
                   if cls.expand_with_vjp is not Basis.expand_with_vjp)
@@ -91,15 +91,7 @@ def test_saved_for_backward_within_four_times_input(family, groups, dims):
     layer = create_kan_conv(family, dims, 16, 16, 3, padding=1, groups=groups, norm="instance",
                             activation="silu")
     x = torch.randn((2, 16) + ({2: 32, 3: 24}[dims],) * dims, requires_grad=True)
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x)
-    ratio = sum(storages.values()) / (x.numel() * x.element_size())
+    ratio = saved_bytes(lambda: layer(x))[1] / (x.numel() * x.element_size())
     assert ratio <= 4.0, ratio
 
 

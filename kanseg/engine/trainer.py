@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kanseg.files import atomic_write_text
 from kanseg.layers.auxiliary import collect_auxiliary_losses
+from kanseg.layers.compiled import compile_available
 from kanseg.layers.moe import MoEKANConv
 from kanseg.plots import plot_curves
 
@@ -141,18 +142,10 @@ def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainerConfig) -> torch
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _probe(x: torch.Tensor) -> torch.Tensor:
-    return torch.sin(x) + 1
-
-
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """``torch.compile(model)``, or ``model`` itself with a warning when a tiny probe shows that
+    """``torch.compile(model)``, or ``model`` itself (with the probe's warning) where
     compilation cannot run on ``device`` (no C++ compiler, no Triton...)."""
-    try:
-        torch.compile(_probe)(torch.ones(2, device=device))
-    except Exception as err:  # noqa: BLE001 - whatever the backend raises, train eagerly
-        log.warning("trainer.compile=true but torch.compile cannot run here (%s: %s); training "
-                    "without compilation", type(err).__name__, str(err).split("\n", 1)[0])
+    if not compile_available(device, "trainer.compile=true: training"):
         return model
     return torch.compile(model)
 

@@ -15,6 +15,7 @@ from .regularization import PENALTY_OPTIONS, attach_penalties
 
 #: layer options every KAN family accepts, next to its basis options
 LAYER_OPTIONS = ("norm", "activation", "base_activation", "dropout", "affine", "recompute",
+                 "compile_expansion",
                  "conv_strategy", "dropout_placement", "dropout_type", "noise_scale",
                  *PENALTY_OPTIONS, *MOE_OPTIONS)
 

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from .basis import Basis
+from .compiled import compile_available, compiled_expand
 from .errors import OptionError
-from .expansion import ExpandConv, autocast_dtype, expand, expand_with_base
+from .expansion import ExpandConv, Expansion, autocast_dtype, expand, expand_with_base
 from .factories import conv_function, create_activation, create_norm, to_tuple
 from .regularization import DROPOUT_PLACEMENTS, create_dropout_module
 from .strategy import STRATEGIES, block_diagonal, conv_strategy
@@ -37,7 +38,10 @@ class KANConv(nn.Module):
     branches, ``"poly"``: the basis input only, ``"degree"``: each basis function) and
     ``dropout_type`` (channel dropout or noise injection of scale ``noise_scale``) say what
     ``dropout`` does; see :mod:`kanseg.layers.regularization`. In train mode, placements other
-    than ``"full"`` build the stack under autograd (no recompute).
+    than ``"full"`` build the stack under autograd (no recompute). ``compile_expansion=True``
+    runs the expansion and its backward through kernels compiled by ``torch.compile``
+    (:mod:`kanseg.layers.compiled`; eager where it cannot run): fewer passes over the
+    expansion, worth it for layers at high resolution.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class KANConv(nn.Module):
         recompute: bool = True,
         use_base: bool = True,
         conv_strategy: str = "heuristic",
+        compile_expansion: bool = False,
     ):
         super().__init__()
         if spatial_dims not in (1, 2, 3):
@@ -77,6 +82,9 @@ class KANConv(nn.Module):
         if dropout_placement not in DROPOUT_PLACEMENTS:
             raise OptionError("dropout_placement", f"dropout_placement must be one of "
                               f"{DROPOUT_PLACEMENTS}, got {dropout_placement!r}")
+        for name, flag in (("recompute", recompute), ("compile_expansion", compile_expansion)):
+            if not isinstance(flag, bool):
+                raise OptionError(name, f"{name} must be true or false, got {flag!r}")
         if conv_strategy not in STRATEGIES:
             raise OptionError("conv_strategy", f"conv_strategy must be one of {STRATEGIES}, "
                               f"got {conv_strategy!r}")
@@ -90,6 +98,7 @@ class KANConv(nn.Module):
         self.groups = groups
         self.recompute = recompute
         self.conv_strategy = conv_strategy
+        self.compile_expansion = compile_expansion
         self.basis = basis
         has_base = use_base and basis.use_base
         self.base_activation = (create_activation(base_activation, "base_activation")
@@ -157,9 +166,21 @@ class KANConv(nn.Module):
         ones = x.new_ones((1, 1) + tuple(x.shape[2:]), dtype=dtype)
         return self.conv(ones, weight.to(dtype), 1)
 
+    def uses_compiled_expansion(self, x: Tensor) -> bool:
+        """Whether the expansion of ``x`` runs through the compiled kernels
+        (``compile_expansion=True`` where ``torch.compile`` runs, not while tracing or inside
+        a compiled model, which fuses the expansion itself)."""
+        return (self.compile_expansion and not torch.jit.is_tracing()
+                and not torch.compiler.is_compiling()
+                and compile_available(x.device, "the KAN layers' expansion"))
+
     def expand(self, x: Tensor) -> Tensor:
         """Expanded per-channel stack fed to the fused convolution (without the constant basis
         functions)."""
+        if self.uses_compiled_expansion(x):
+            x = x if torch.is_grad_enabled() else x.detach()  # one no-grad kernel for any x
+            return compiled_expand(Expansion(self.basis, self.base_activation), x,
+                                   *self.expansion_parameters())
         return expand(x, self.basis, self.base_activation)
 
     def expand_with_dropout(self, x: Tensor) -> Tensor:
@@ -174,7 +195,7 @@ class KANConv(nn.Module):
         return expand_with_base(x, terms, self.base_activation)
 
     def expansion_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the expansion (basis, then base activation), as :class:`_Expansion`
+        """Parameters of the expansion (basis, then base activation), as :class:`Expansion`
         orders them."""
         base = [] if self.base_activation is None else list(self.base_activation.parameters())
         return list(self.basis.parameters()) + base
@@ -224,5 +245,5 @@ class KANConv(nn.Module):
             f"{self.basis.family}, {self.in_channels}, {self.out_channels}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
             f"dilation={self.dilation}, groups={self.groups}, recompute={self.recompute}, "
-            f"conv_strategy={self.conv_strategy!r}"
+            f"conv_strategy={self.conv_strategy!r}, compile_expansion={self.compile_expansion}"
         )

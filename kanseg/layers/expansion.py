@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .basis import Basis
+from .compiled import compiled_expand, compiled_expand_with_vjp
 
 if TYPE_CHECKING:
     from .conv import KANConv
@@ -59,7 +60,7 @@ def _base_vjp(base_activation: nn.Module | None, x: Tensor, grad: Tensor) -> Ten
     return None
 
 
-class _Expansion(nn.Module):
+class Expansion(nn.Module):
     """A layer's expansion ``x -> [base_act(x), *basis.terms(x)]`` as a module of its own, so
     that :func:`torch.func.functional_call` can run it with given parameter tensors."""
 
@@ -92,6 +93,7 @@ class ExpandConv(torch.autograd.Function):
         with torch.no_grad():
             expanded = layer.expand(x)
         ctx.layer, ctx.groups = layer, groups
+        ctx.compiled = layer.uses_compiled_expansion(x)
         ctx.compute_dtype = autocast_dtype(x) or torch.promote_types(expanded.dtype, weight.dtype)
         ctx.save_for_backward(x, weight, *expansion_params)
         with torch.autocast(x.device.type, enabled=False):
@@ -103,6 +105,8 @@ class ExpandConv(torch.autograd.Function):
         layer: KANConv = ctx.layer
         need_x = ctx.needs_input_grad[0]
         need_p = [p.requires_grad and need for p, need in zip(params, ctx.needs_input_grad[4:])]
+        if ctx.compiled:
+            return ExpandConv._compiled_backward(ctx, grad_out, x, weight, params, need_x, need_p)
         n_basis_params = len(list(layer.basis.parameters()))
         analytic = (type(layer.basis).expand_with_vjp is not Basis.expand_with_vjp
                     and len(params) == n_basis_params
@@ -115,13 +119,16 @@ class ExpandConv(torch.autograd.Function):
         return ExpandConv._autograd_backward(ctx, grad_out, x, weight, params, need_x, need_p)
 
     @staticmethod
-    def _conv_backward(ctx, grad_out: Tensor, expanded: Tensor, weight: Tensor, need_input: bool):
+    def _conv_backward(ctx, grad_out: Tensor, expanded: Tensor, weight: Tensor,
+                       need_input: bool, need_weight: bool = True):
+        """Gradients of the convolution for its input (the expansion; ``expanded`` may be a
+        broadcast placeholder of its shape when only this one is needed) and its weight."""
         layer: KANConv = ctx.layer
         dtype = ctx.compute_dtype
         grad_expanded, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), expanded.detach().to(dtype), weight.to(dtype), None,
             layer.stride, layer.padding, layer.dilation, False, [0] * layer.spatial_dims,
-            ctx.groups, [need_input, ctx.needs_input_grad[1], False],
+            ctx.groups, [need_input, need_weight and ctx.needs_input_grad[1], False],
         )
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
@@ -157,12 +164,39 @@ class ExpandConv(torch.autograd.Function):
         return (grad_x, grad_weight, None, None, *param_grads)
 
     @staticmethod
+    def _compiled_backward(ctx, grad_out, x, weight, params, need_x, need_p):
+        """Backward through the compiled kernels of :mod:`kanseg.layers.compiled`: the
+        convolution's input gradient first (it needs only the weight), then one kernel that
+        recomputes the expansion and differentiates it, then the weight gradient."""
+        layer: KANConv = ctx.layer
+        expansion = Expansion(layer.basis, layer.base_activation)
+        shape = (x.shape[0], weight.shape[1] * ctx.groups) + tuple(x.shape[2:])
+        grad_x, param_grads = None, [None] * len(params)
+        with torch.no_grad():
+            if need_x or any(need_p):
+                placeholder = grad_out.new_empty(1, dtype=ctx.compute_dtype).expand(shape)
+                grad_expanded, _ = ExpandConv._conv_backward(ctx, grad_out, placeholder, weight,
+                                                             True, False)
+                expanded, grad_x, *grads = compiled_expand_with_vjp(
+                    expansion, x, grad_expanded.to(x.dtype), *params)
+                del grad_expanded
+                grad_x = grad_x if need_x else None
+                param_grads = [g if need else None for g, need in zip(grads, need_p)]
+            else:
+                expanded = compiled_expand(expansion, x, *params)
+            grad_weight = None
+            if ctx.needs_input_grad[1]:
+                _, grad_weight = ExpandConv._conv_backward(ctx, grad_out, expanded, weight,
+                                                           False)
+        return (grad_x, grad_weight, None, None, *param_grads)
+
+    @staticmethod
     def _autograd_backward(ctx, grad_out, x, weight, params, need_x, need_p):
         """Backward with the expansion recomputed under autograd (any basis, any activation)."""
         layer: KANConv = ctx.layer
         x_leaf = x.detach().requires_grad_(need_x)
         leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
-        expansion = _Expansion(layer.basis, layer.base_activation)
+        expansion = Expansion(layer.basis, layer.base_activation)
         names = [name for name, _ in expansion.named_parameters()]
         with torch.enable_grad():
             expanded = functional_call(expansion, dict(zip(names, leaves)), (x_leaf,))

@@ -1,0 +1,61 @@
+"""Compiled expansion kernels: a layer's expansion ``x -> [base_act(x), basis(x)]``, alone and
+with its vector-Jacobian product, each compiled by ``torch.compile`` (inductor) into a few fused loops.
+
+Eager, the expansion is a chain of elementwise passes over the whole stack (tanh, the
+recurrence, the activations; again in the recomputing backward), which costs more than the
+convolution itself when the convolution is grouped. Compiled, each kernel reads ``x`` once
+and writes its result once. One compiled function of each kind serves every layer: dynamo
+guards on the expansion's type and options, so layers of one family and options share their
+kernels, and a second input shape compiles a dynamic-shape kernel for the rest. The first
+call of each compiles (seconds; inductor caches the code on disk for later processes).
+
+Where ``torch.compile`` cannot run (no C++ compiler on CPU, no Triton on GPU), a tiny probe
+says so once per device type: a warning is logged and the layers run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+log = logging.getLogger("kanseg")
+_AVAILABLE: dict[str, bool] = {}
+
+
+def _probe(x: Tensor) -> Tensor:
+    return torch.sin(x) + 1
+
+
+def compile_available(device: torch.device, purpose: str) -> bool:
+    """Whether ``torch.compile`` (inductor) runs on ``device``'s type, probed once; if not, a
+    warning naming ``purpose`` (what falls back to eager) and the error is logged."""
+    if device.type not in _AVAILABLE:
+        try:
+            torch.compile(_probe)(torch.ones(2, device=device))
+            _AVAILABLE[device.type] = True
+        except Exception as err:  # noqa: BLE001 - whatever the backend raises, run eagerly
+            log.warning("torch.compile cannot run on %s here (%s: %s); %s runs without "
+                        "compilation", device.type, type(err).__name__,
+                        str(err).split("\n", 1)[0], purpose)
+            _AVAILABLE[device.type] = False
+    return _AVAILABLE[device.type]
+
+
+def _expand(expansion: nn.Module, x: Tensor, *params: Tensor) -> Tensor:
+    """``expansion(x)`` evaluated with ``params`` (its parameters in order)."""
+    names = [name for name, _ in expansion.named_parameters()]
+    return functional_call(expansion, dict(zip(names, params)), (x,))
+
+
+def _expand_with_vjp(expansion: nn.Module, x: Tensor, grad: Tensor, *params: Tensor
+                     ) -> tuple[Tensor, ...]:
+    """``expansion(x)`` and the gradients of ``<expansion(x), grad>`` for ``x`` and each of
+    ``params``, from one pass over ``x`` and ``grad``."""
+    expanded, pullback = torch.func.vjp(lambda x_, *p: _expand(expansion, x_, *p), x, *params)
+    return (expanded, *pullback(grad))
+
+
+compiled_expand = torch.compile(_expand)
+compiled_expand_with_vjp = torch.compile(_expand_with_vjp)
