@@ -1,13 +1,15 @@
-"""Compiled expansion kernels: a layer's expansion ``x -> [base_act(x), basis(x)]``, alone and
-with its vector-Jacobian product, each compiled by ``torch.compile`` (inductor) into a few fused loops.
+"""Compiled expansion kernels: a layer's expansion ``x -> [base_act(x), basis(x)]``, alone
+and with its vector-Jacobian product, each compiled by ``torch.compile`` (inductor) into a
+few fused loops.
 
 Eager, the expansion is a chain of elementwise passes over the whole stack (tanh, the
-recurrence, the activations; again in the recomputing backward), which costs more than the
-convolution itself when the convolution is grouped. Compiled, each kernel reads ``x`` once
-and writes its result once. One compiled function of each kind serves every layer: dynamo
-guards on the expansion's type and options, so layers of one family and options share their
-kernels, and a second input shape compiles a dynamic-shape kernel for the rest. The first
-call of each compiles (seconds; inductor caches the code on disk for later processes).
+recurrence, the activations; again in the recomputing backward), which costs about as much
+as the convolution itself when the convolution is grouped. Compiled, each kernel reads its
+inputs once and writes its results once. One compiled function of each kind serves every
+layer: dynamo guards on the expansion's type and options, so layers of one family and
+options share their kernels, and a second input shape compiles a dynamic-shape kernel for the
+rest. The first call of each compiles (seconds; inductor caches the code on disk for later
+processes).
 
 Where ``torch.compile`` cannot run (no C++ compiler on CPU, no Triton on GPU), a tiny probe
 says so once per device type: a warning is logged and the layers run eagerly.
