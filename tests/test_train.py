@@ -95,6 +95,14 @@ def _run(cmd: list[str], env: dict) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _last_step(run: Path) -> int:
+    """The step of ``run``'s ``last`` checkpoint, -1 while there is none."""
+    try:
+        return json.loads((run / "checkpoints" / "last" / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
 def test_resume_after_sigkill_is_exact(tmp_path, synth_root):
     config = tiny_config(tmp_path, synth_root, max_epochs=3, ckpt_every_steps=2, val_every=2,
                          ema=0.8)
@@ -104,9 +112,10 @@ def test_resume_after_sigkill_is_exact(tmp_path, synth_root):
 
     proc = subprocess.Popen(_train_cmd(config, cut), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    marker = cut / "checkpoints" / "step-00000006"  # epoch 2 of 3, mid-epoch (4 batches/epoch)
+    # wait until `last` (not just the checkpoint folder: `last` moves after it) is step 6:
+    # epoch 2 of 3, mid-epoch (4 batches per epoch)
     deadline = time.monotonic() + 240
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while _last_step(cut) < 6 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
