@@ -45,8 +45,9 @@ def compile_available(device: torch.device, purpose: str) -> bool:
     return _AVAILABLE[device.type]
 
 
-def _expand(expansion: nn.Module, x: Tensor, *params: Tensor) -> Tensor:
-    """``expansion(x)`` evaluated with ``params`` (its parameters in order)."""
+def expand_with_params(expansion: nn.Module, x: Tensor, *params: Tensor) -> Tensor:
+    """``expansion(x)`` evaluated with ``params`` (its parameters in order); eager here, and
+    the function both compiled kernels are built from."""
     names = [name for name, _ in expansion.named_parameters()]
     return functional_call(expansion, dict(zip(names, params)), (x,))
 
@@ -55,9 +56,9 @@ def _expand_with_vjp(expansion: nn.Module, x: Tensor, grad: Tensor, *params: Ten
                      ) -> tuple[Tensor, ...]:
     """``expansion(x)`` and the gradients of ``<expansion(x), grad>`` for ``x`` and each of
     ``params``, from one pass over ``x`` and ``grad``."""
-    expanded, pullback = torch.func.vjp(lambda x_, *p: _expand(expansion, x_, *p), x, *params)
+    expanded, pullback = torch.func.vjp(lambda x_, *p: expand_with_params(expansion, x_, *p), x, *params)
     return (expanded, *pullback(grad))
 
 
-compiled_expand = torch.compile(_expand)
+compiled_expand = torch.compile(expand_with_params)
 compiled_expand_with_vjp = torch.compile(_expand_with_vjp)

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .basis import Basis
-from .compiled import compiled_expand, compiled_expand_with_vjp
+from .compiled import compiled_expand, compiled_expand_with_vjp, expand_with_params
 
 if TYPE_CHECKING:
     from .conv import KANConv
@@ -197,9 +196,8 @@ class ExpandConv(torch.autograd.Function):
         x_leaf = x.detach().requires_grad_(need_x)
         leaves = [p.detach().requires_grad_(need) for p, need in zip(params, need_p)]
         expansion = Expansion(layer.basis, layer.base_activation)
-        names = [name for name, _ in expansion.named_parameters()]
         with torch.enable_grad():
-            expanded = functional_call(expansion, dict(zip(names, leaves)), (x_leaf,))
+            expanded = expand_with_params(expansion, x_leaf, *leaves)
         grad_expanded, grad_weight = ExpandConv._conv_backward(ctx, grad_out, expanded, weight,
                                                                 need_x or any(need_p))
         inputs = ([x_leaf] if need_x else []) + [p for p, need in zip(leaves, need_p) if need]
