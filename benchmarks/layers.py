@@ -6,7 +6,9 @@ the same run, round-robin so that load from other processes hits all of them ali
 
 * ``plain``: ConvNd + InstanceNorm + SiLU with the same channels;
 * ``floor``: one ConvNd over ``in * n_expanded`` channels (``in * (degree + 2)`` for KAGN) on a
-  precomputed input that requires grad: the arithmetic floor of a fused KAN layer;
+  precomputed input that requires grad: the arithmetic floor of a fused KAN layer. With groups,
+  each round takes the faster of the grouped convolution and its dense equivalent (what the
+  layers' ``conv_strategy`` may run instead: oneDNN's grouped 3D backward is slow on CPU);
 * ``tck``: torch-conv-kan's KAGNConv2DLayer / KAGNConv3DLayer (KAGN rows only), imported at run
   time from the reference checkout ``../shared/reference/torch-conv-kan`` next to this repository
   (``--tck``); the column is skipped when it is absent.
@@ -103,6 +105,12 @@ def inference(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 MODES = {"train": step, "no_grad": inference}
 
 
+def floors(width: int, groups: int) -> dict[str, int]:
+    """Names of the floor convolutions over ``width`` channels and their groups: the grouped
+    one, and with groups also the dense one."""
+    return {f"floor{width}": groups, **({f"floor{width} dense": 1} if groups > 1 else {})}
+
+
 def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: int = 1,
                dtype: torch.dtype = torch.float32, compile_layers: bool = False
                ) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -123,8 +131,9 @@ def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: in
         width = channels * layer.n_expanded
         if f"floor{width}" not in runs:
             floor_x = torch.randn((shape[0], width) + shape[2:], dtype=dtype, requires_grad=True)
-            runs[f"floor{width}"] = (CONV[dims](width, channels, 3, padding=1, groups=groups, bias=False),
-                                     floor_x)
+            for name, conv_groups in floors(width, groups).items():
+                runs[name] = (CONV[dims](width, channels, 3, padding=1, groups=conv_groups,
+                                         bias=False), floor_x)
     if "kagn" in families:
         runs["kagn compile_expansion"] = (create_kan_conv(
             "kagn", dims, channels, channels, 3, padding=1, groups=groups,
@@ -166,12 +175,14 @@ def measure(runs: dict[str, tuple[nn.Module, torch.Tensor]], repeats: int,
     return times
 
 
-def ratio(times: dict[str, list[float]], name: str, baseline: str | None) -> str:
-    """Median over rounds of ``name``'s time over ``baseline``'s in the same round (robust to
-    load that changes between rounds), or ``-``."""
-    if baseline not in times:
+def ratio(times: dict[str, list[float]], name: str, baselines: list[str]) -> str:
+    """Median over rounds of ``name``'s time over the fastest of ``baselines`` in the same round
+    (robust to load that changes between rounds), or ``-`` if none was timed."""
+    timed = [times[b] for b in baselines if b in times]
+    if not timed:
         return "-"
-    return f"{statistics.median(a / b for a, b in zip(times[name], times[baseline])):.2f}"
+    per_round = (a / min(b) for a, *b in zip(times[name], *timed))
+    return f"{statistics.median(per_round):.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,12 +233,13 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 module, x = runs[name]
                 layer = getattr(module, "_orig_mod", module)  # the layer inside torch.compile
-                floor = f"floor{x.shape[1] * layer.n_expanded}" if isinstance(layer, KANConv) else None
+                floor = (list(floors(x.shape[1] * layer.n_expanded, groups))
+                         if isinstance(layer, KANConv) else [])
                 saved = saved_bytes(lambda: module(x)) / input_bytes
                 rows.append(
                     f"| {name} | {dims} | {groups} | {1e3 * statistics.median(train[name]):.0f} | "
-                    f"{ratio(train, name, 'plain')} | {ratio(train, name, floor)} | "
-                    f"{ratio(train, name, 'tck' if name.startswith('kagn') else None)} | {saved:.1f} | "
+                    f"{ratio(train, name, ['plain'])} | {ratio(train, name, floor)} | "
+                    f"{ratio(train, name, ['tck'] if name.startswith('kagn') else [])} | {saved:.1f} | "
                     f"{1e3 * statistics.median(no_grad[name]):.1f} | {ratio(no_grad, name, floor)} |"
                 )
     print(header)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from kanseg.layers import BASIS_REGISTRY, KANBottleneckConv, KANConv, OptionError, create_kan_conv
+from kanseg.layers.basis import tanh
 
 FAMILIES = ["kagn", "kaln", "kacn", "kajn", "kabn", "fastkan", "kan", "wavkan", "relukan"]
 WAVELETS = ["mexican_hat", "morlet", "dog", "meyer"]
@@ -163,6 +164,30 @@ def make(family, dims=2, cin=2, cout=3, groups=1, **kw):
 
 
 # ----------------------------------------------------------------- tests
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-7), (torch.float64, 5e-16)])
+def test_tanh_matches_torch_tanh(dtype, atol):
+    x = torch.cat([torch.linspace(-30, 30, 100_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30,
+                                                                   1e4, -1e4, math.inf, -math.inf])])
+    x = x.to(dtype).requires_grad_(True)
+    got = tanh(x)
+    expected = torch.tanh(x.detach().double())
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=atol)
+    assert got.detach().abs().max() <= 1
+    (grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(grad.double(), 1 - expected**2, rtol=0, atol=4 * atol)
+    assert tanh(torch.tensor([math.nan], dtype=dtype)).isnan().all()
+    with torch.no_grad():  # the in-place no-grad path gives the same values
+        torch.testing.assert_close(tanh(x), got.detach(), rtol=0, atol=0)
+
+
+def test_tanh_is_torch_tanh_in_low_precision_and_under_tracing():
+    x = torch.randn(64)
+    assert torch.equal(tanh(x.bfloat16()), torch.tanh(x.bfloat16()))
+    traced = torch.jit.trace(tanh, x)
+    assert "aten::tanh" in str(traced.graph)
+
+
 def test_registry_has_every_family():
     assert sorted(BASIS_REGISTRY) == sorted(FAMILIES)
 

@@ -120,8 +120,8 @@ class ExpandConv(torch.autograd.Function):
     @staticmethod
     def _conv_backward(ctx, grad_out: Tensor, expanded: Tensor, weight: Tensor,
                        need_input: bool, need_weight: bool = True):
-        """Gradients of the convolution for its input (the expansion; ``expanded`` may be a
-        broadcast placeholder of its shape when only this one is needed) and its weight."""
+        """Gradients of the convolution for its input (the expansion; ``expanded`` may be an
+        unwritten tensor of its shape when only this one is needed) and its weight."""
         layer: KANConv = ctx.layer
         dtype = ctx.compute_dtype
         grad_expanded, grad_weight, _ = torch.ops.aten.convolution_backward(
@@ -173,8 +173,10 @@ class ExpandConv(torch.autograd.Function):
         grad_x, param_grads = None, [None] * len(params)
         with torch.no_grad():
             if need_x or any(need_p):
-                placeholder = grad_out.new_empty(1, dtype=ctx.compute_dtype).expand(shape)
-                grad_expanded, _ = ExpandConv._conv_backward(ctx, grad_out, placeholder, weight,
+                # only the shape of the convolution's input is read (a broadcast placeholder
+                # would be copied to contiguous memory by convolution_backward)
+                unread = grad_out.new_empty(shape, dtype=ctx.compute_dtype)
+                grad_expanded, _ = ExpandConv._conv_backward(ctx, grad_out, unread, weight,
                                                              True, False)
                 expanded, grad_x, *grads = compiled_expand_with_vjp(
                     expansion, x, grad_expanded.to(x.dtype), *params)
