@@ -3,7 +3,9 @@
 The unadapted layer trains every weight; each adapted copy (``kanpeft.prepare``) has a frozen
 base and a trainable adapter and runs the layer's own forward with substituted tensors. All
 run round-robin in the same process on one input that requires grad (as inside a network).
-The table gives the median milliseconds and the median per-round ratio to the unadapted layer.
+The table gives the median milliseconds and the median per-round ratios to the unadapted layer
+and to the unadapted layer of the adapted one's degree (an unadapted layer one degree higher,
+timed beside them, is the baseline of ``basis +1 degree``: the adapter's own overhead).
 
 Run ``python benchmarks/peft_layer.py --help``.
 """
@@ -31,15 +33,31 @@ ADAPTERS = {
 }
 
 
+def unadapted(extra_degrees: int) -> str:
+    """Row name of the unadapted layer ``extra_degrees`` above the benchmark's degree."""
+    return f"unadapted +{extra_degrees} degree" if extra_degrees else "unadapted"
+
+
 def candidates(dims: int, channels: int, degree: int, bottleneck: bool) -> dict[str, nn.Module]:
-    """The unadapted KAGN layer and one adapted copy per row of :data:`ADAPTERS`."""
-    torch.manual_seed(0)
-    layer = nn.Sequential(create_kan_conv("kagn", dims, channels, channels, 3, padding=1,
-                                          degree=degree, bottleneck=bottleneck))
-    runs = {"unadapted": layer}
+    """The unadapted KAGN layers (of the degree and of each adapter's higher degree) and one
+    adapted copy per row of :data:`ADAPTERS`."""
+    def layer(degree: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(create_kan_conv("kagn", dims, channels, channels, 3, padding=1,
+                                             degree=degree, bottleneck=bottleneck))
+
+    extras = sorted({options.get("extra_degrees", 0) for _, options in ADAPTERS.values()})
+    runs = {unadapted(extra): layer(degree + extra) for extra in extras}
     for name, (method, options) in ADAPTERS.items():
-        runs[name] = kanpeft.prepare(copy.deepcopy(layer), method, **options)
+        runs[name] = kanpeft.prepare(copy.deepcopy(runs["unadapted"]), method, **options)
     return runs
+
+
+def baseline(name: str) -> str:
+    """The unadapted row of the same degree as row ``name``."""
+    if name in ADAPTERS:
+        return unadapted(ADAPTERS[name][1].get("extra_degrees", 0))
+    return name
 
 
 def synchronize() -> None:
@@ -95,11 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {device}; KAGN degree {args.degree}, "
           f"{'bottleneck, ' if args.bottleneck else ''}input {tuple(shape)}, "
           f"repeats={args.repeats}")
-    print("| layer | fwd+bwd ms | x unadapted |\n|---|---|---|")
-    base = times["unadapted"]
+    print("| layer | fwd+bwd ms | x unadapted | x unadapted of its degree |\n|---|---|---|---|")
     for name, seconds in times.items():
-        ratio = statistics.median(a / b for a, b in zip(seconds, base))
-        print(f"| {name} | {1e3 * statistics.median(seconds):.2f} | {ratio:.2f} |")
+        ratios = [statistics.median(a / b for a, b in zip(seconds, times[reference]))
+                  for reference in ("unadapted", baseline(name))]
+        print(f"| {name} | {1e3 * statistics.median(seconds):.2f} | "
+              + " | ".join(f"{r:.2f}" for r in ratios) + " |")
 
 
 if __name__ == "__main__":
