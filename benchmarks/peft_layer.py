@@ -3,6 +3,8 @@
 The unadapted layer trains every weight; each adapted copy (``kanpeft.prepare``) has a frozen
 base and a trainable adapter and runs the layer's own forward with substituted tensors. All
 run round-robin in the same process on one input that requires grad (as inside a network).
+Like the command-line programs and ``benchmarks/layers.py``, it keeps freed memory in the
+process (:mod:`kanseg.allocator`; ``KANSEG_ALLOCATOR=system`` keeps glibc's defaults).
 The table gives the median milliseconds and the median per-round ratios to the unadapted layer
 and to the unadapted layer of the adapted one's degree (an unadapted layer one degree higher,
 timed beside them, is the baseline of ``basis +1 degree``: the adapter's own overhead).
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 import kanpeft
+from kanseg.allocator import keep_freed_memory
 from kanseg.layers import create_kan_conv
 
 #: row name -> (method, options)
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds (medians)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    allocator = "keeps freed memory" if keep_freed_memory() else "system default"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     torch.set_default_device(args.device)
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
               else f"cpu, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {device}; KAGN degree {args.degree}, "
           f"{'bottleneck, ' if args.bottleneck else ''}input {tuple(shape)}, "
-          f"repeats={args.repeats}")
+          f"repeats={args.repeats}, allocator: {allocator}")
     print("| layer | fwd+bwd ms | x unadapted | x unadapted of its degree |\n|---|---|---|---|")
     for name, seconds in times.items():
         ratios = [statistics.median(a / b for a, b in zip(seconds, times[reference]))

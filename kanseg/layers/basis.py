@@ -20,8 +20,8 @@ BASIS_REGISTRY: dict[str, type["Basis"]] = {}
 
 def tanh(x: Tensor) -> Tensor:
     """``torch.tanh(x)``, as ``2 sigmoid(2x) - 1`` for float32/64 on CPU: aten's CPU tanh is
-    3-4x slower than its sigmoid (and the compiled tanh as slow), at an absolute error of at
-    most 2e-7 in float32 (``benchmarks/layers.py`` times the layers that use it)."""
+    several times slower than its sigmoid (and the compiled tanh as slow), at an absolute error
+    of at most 2e-7 in float32 (``benchmarks/layers.py`` times the layers that use it)."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or torch.jit.is_tracing()):  # exported graphs keep one Tanh
         return torch.tanh(x)
