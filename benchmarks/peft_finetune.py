@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from kanseg.files import atomic_write_text
+from segmentation import fmt, mean_sd
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"pneumonia": ROOT / "configs" / "peft_pneumonia.yaml",
@@ -57,13 +58,6 @@ def run(task: str, row: str, seed: int, out: Path, backbone: Path, extra: list[s
     return {"row": row, "seed": seed, **json.loads((out / "results.json").read_text())}
 
 
-def mean_sd(values: list[float]) -> str:
-    """``mean +- sd`` over seeds (the sd only with more than one seed)."""
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def table(task: str, runs: dict[str, list[dict]]) -> str:
     """Markdown table of one task: a line per row, metrics over the row's seeds."""
     full = runs.get("full")
@@ -74,7 +68,7 @@ def table(task: str, runs: dict[str, list[dict]]) -> str:
     for row, seeds in runs.items():
         first = seeds[0]
         share = f"{first['trainable'] / full[0]['trainable']:.2%}" if full else "-"
-        metrics = [mean_sd([r[key] for r in seeds]) for key, _ in names]
+        metrics = [fmt(mean_sd([r[key] for r in seeds]), digits=4) for key, _ in names]
         per_seed = " / ".join(f"{r[names[0][0]]:.4f}" for r in seeds)
         wall = statistics.median(r["wall_s"] for r in seeds)
         peak = max(r["peak_mem_mb"] for r in seeds)

@@ -146,10 +146,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in done), default=0)}
 
 
-def fmt(stat: dict[str, float] | None) -> str:
+def fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
+    """``mean ± sd`` of a :func:`mean_sd` result (the sd only with more than one value)."""
     if not stat:
         return "n/a"
-    return f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["n"] > 1 else "")
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["n"] > 1 else "")
 
 
 def markdown(report: dict[str, Any]) -> str:
