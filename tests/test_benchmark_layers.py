@@ -31,3 +31,33 @@ def test_layers_table_compiled(capsys, tmp_path):
                 "--compile", "--tck", str(tmp_path / "absent")])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| kacn")]
     assert [row.split("|")[1].strip() for row in rows] == ["kacn", "kacn compiled"]
+
+
+def test_timed_runs_forget_memoized_tensors():
+    """A module memoizing on its input (torch-conv-kan's ``gram_poly``) keeps nothing alive
+    between timed runs, in subclasses and submodules too."""
+    import functools
+
+    import torch
+    from torch import nn
+
+    class Memoizing(nn.Module):
+        @functools.lru_cache(maxsize=128)
+        def square(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.square(torch.tanh(x))  # a new tensor at every call: never a hit
+
+    class Subclass(Memoizing):
+        pass
+
+    module = nn.Sequential(Subclass())
+    x = torch.randn(2, 3, requires_grad=True)
+    for make_run in bench.MODES.values():
+        make_run(module, x)()
+        assert Memoizing.square.cache_info().currsize == 0
+    module[0](x)
+    assert Memoizing.square.cache_info().currsize == 1  # memoizes outside the timed runs
+    bench.forget_memoized(module)
+    assert Memoizing.square.cache_info().currsize == 0
