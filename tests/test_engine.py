@@ -225,3 +225,54 @@ def test_resolve_policy_best_for_prediction_last_for_resume(tmp_path):
         ckpt.resolve(run, prefer="first")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ckpt.resolve(tmp_path)
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True),
+                         nn.SiLU(), nn.Conv3d(4, 1, 1), nn.Flatten(), nn.Linear(210, 1))
+
+
+def test_channels_last_stores_weights_channels_last_and_trains_the_same(tmp_path):
+    """trainer.channels_last changes how conv weights are stored, not what the model learns."""
+    torch.manual_seed(1)
+    x, y = torch.randn(6, 2, 5, 6, 7), torch.randn(6, 1)
+    trained = {}
+    for channels_last in (False, True):
+        config = TrainerConfig(max_epochs=2, lr=0.05, log_every=1, channels_last=channels_last)
+        trainer = Trainer(_conv_net(), nn.MSELoss(), DataLoader(TensorDataset(x, y), batch_size=2),
+                          config, tmp_path / str(channels_last))
+        weight = trainer.acc.unwrap_model(trainer.model)[0].weight  # (4, 2, 3, 3, 3)
+        assert weight.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+        assert weight.is_contiguous() != channels_last
+        assert trainer.fit().step == 6
+        trained[channels_last] = dict(trainer.acc.unwrap_model(trainer.model).named_parameters())
+    assert not torch.equal(trained[True]["0.weight"], _conv_net()[0].weight)  # it trained
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_kan_network_computes_the_same(dims):
+    """A UKANet with KAN blocks, a refinement head and instance norms gives the same outputs and
+    gradients with its weights stored channels-last."""
+    from kanseg.models import create_model
+    from kanseg.models.memory_format import to_channels_last
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return create_model("ukanet", spatial_dims=dims, in_channels=1, out_channels=3, width=4,
+                            depth=2, stem_stride=2, kan_levels=[1, 2], refine_channels=4)
+
+    plain, fast = build(), to_channels_last(build())
+    x = torch.randn((2, 1) + (16,) * dims)
+    outputs, grads = [], []
+    for net in (plain, fast):
+        y = net(x)
+        y.square().mean().backward()
+        outputs.append(y)
+        grads.append([p.grad for p in net.parameters()])
+    assert any(p.dim() == dims + 2 and not p.is_contiguous() for p in fast.parameters())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-5)

@@ -46,6 +46,17 @@ def test_model_cost_3d_deep_supervision():
     assert cost["patch"] == [8, 8, 8]
 
 
+def test_model_cost_channels_last_measures_the_model_with_channels_last_weights(capsys):
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(4, 2, 3, padding=1))
+    cost = model_cost(model, [8, 8, 8], 2, 2, batch=1, steps=1, channels_last=True)
+    assert cost["patches_per_s"] > 0
+    assert all(conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+               and not conv.weight.is_contiguous() for conv in model)
+    assert main(["models", "--cost", "--patch", "16,16", "--models", "ukanet", "--steps", "1",
+                 "--batch", "1", "--channels-last", *TINY_UKANET]) == 0
+    assert "channels-last" in capsys.readouterr().out
+
+
 def test_cli_cost_json():
     out = subprocess.run(
         [sys.executable, "-m", "kanseg.cli", "models", "--cost", "--patch", "16,16", "--models",

@@ -103,9 +103,10 @@ def _last_step(run: Path) -> int:
         return -1
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, synth_root):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resume_after_sigkill_is_exact(tmp_path, synth_root, channels_last):
     config = tiny_config(tmp_path, synth_root, max_epochs=3, ckpt_every_steps=2, val_every=2,
-                         ema=0.8)
+                         ema=0.8, channels_last=channels_last)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full, cut = tmp_path / "full", tmp_path / "cut"
     _run(_train_cmd(config, full), env)

@@ -81,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cost.add_argument("--steps", type=int, default=3,
                       help="timed training steps after one warm-up (default 3)")
     cost.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cost.add_argument("--channels-last", action="store_true",
+                      help="store the weights channels-last, as trainer.channels_last: true "
+                           "trains them")
     cost.add_argument("--models", type=lambda t: [n for n in t.split(",") if n],
                       metavar="NAME,...", help="models to measure (default: all segmentation "
                                                "models supporting the dims)")
@@ -206,7 +209,8 @@ def cost_table(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             row = {"name": name, "kwargs": kwargs,
                    **model_cost(name, args.patch, args.in_channels, args.out_channels,
-                                args.batch, args.steps, args.device, **kwargs)}
+                                args.batch, args.steps, args.device, args.channels_last,
+                                **kwargs)}
             print(f"{row['patches_per_s']:.2f} patches/s", file=sys.stderr)
         except (ValueError, RuntimeError) as err:  # a bad size or option for this model
             row = {"name": name, "kwargs": kwargs, "error": str(err)}
@@ -222,7 +226,8 @@ def cost_table(args: argparse.Namespace) -> list[dict[str, Any]]:
 def print_cost_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     patch = "x".join(map(str, args.patch))
     print(f"patch {patch}, {args.in_channels} -> {args.out_channels} channels, batch "
-          f"{args.batch}, {args.device}, median of {args.steps} steps")
+          f"{args.batch}, {args.device}{', channels-last' if args.channels_last else ''}, "
+          f"median of {args.steps} steps")
     relative = any("relative_to_monai_unet" in r for r in rows)
     print(f"{'name':<15} {'params (M)':>10} {'GFLOPs/patch':>13} {'patches/s':>10}"
           + (f" {'vs monai_unet':>14}" if relative else ""))

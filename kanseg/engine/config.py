@@ -12,6 +12,11 @@ class TrainerConfig:
     ``compile: true`` runs the training forward through ``torch.compile`` (inductor); validation
     and checkpoints use the plain module. Where compilation cannot run (no C++ compiler on CPU,
     no Triton on GPU) the trainer logs a warning and trains eagerly.
+    ``channels_last: true`` stores the model's 4D / 5D weights channels-last
+    (``torch.channels_last`` / ``channels_last_3d``), so its convolutions, and the activations
+    between them, run channels-last: on CPU (oneDNN) 3D convolutions with few channels at full
+    resolution run several times faster that way (``benchmarks/README.md``). The math and the
+    saved weights are the same either way.
     ``init_from``: a run folder (its best checkpoint), checkpoint folder or safetensors file
     whose matching tensors initialise the model (transfer); the others are reported, and
     ``init_strict: true`` makes any difference an error. Ignored when resuming.
@@ -40,6 +45,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False
     compile: bool = False
+    channels_last: bool = False
     init_from: Optional[str] = None
     init_strict: bool = False
     val_every: int = 1

@@ -29,6 +29,7 @@ from kanseg.files import atomic_write_text
 from kanseg.layers.auxiliary import collect_auxiliary_losses
 from kanseg.layers.compiled import compile_available
 from kanseg.layers.moe import MoEKANConv
+from kanseg.models.memory_format import to_channels_last
 from kanseg.plots import plot_curves
 
 from . import checkpoint as ckpt
@@ -191,6 +192,8 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
+        if cfg.channels_last:
+            to_channels_last(model)
         optimizer = build_optimizer(self.params, cfg)
         self.model, self.optimizer, self.loader = self.acc.prepare(model, optimizer, loader)
         self.train_forward = (compile_model(self.model, self.acc.device) if cfg.compile

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import OptionError
+from .instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 
 NORMS = ("instance", "batch", "group", "layer", "none")
 
@@ -18,7 +19,7 @@ def create_norm(name: str | None, spatial_dims: int, channels: int, affine: bool
     if name is None or name == "none":
         return nn.Identity()
     if name == "instance":
-        cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims]
+        cls = {1: InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d}[spatial_dims]
         return cls(channels, affine=affine)
     if name == "batch":
         cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims]

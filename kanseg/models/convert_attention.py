@@ -138,7 +138,7 @@ def _convert_self_attention(module: nn.Module) -> KANSelfAttention:
         inner_channels=inner, rope=rope, rope_theta=theta, norm=norm, affine=affine,
         groups=ref_q.groups, dilation=dilation,
         bottleneck=isinstance(convs["proj_q"], KANBottleneckConv))
-    if type(ours.norm_layer) is not type(module.norm_layer) and norm != "channel_layer":
+    if not isinstance(ours.norm_layer, type(module.norm_layer)) and norm != "channel_layer":
         raise ValueError(f"{name}: its convs are {module.ndim}D but its output norm is "
                          f"{type(module.norm_layer).__name__}; the reference cannot run")
     for key, conv in convs.items():
@@ -219,7 +219,8 @@ def _first_conv_options(conv: nn.Module) -> dict:
     """Family, norm, affine and bottleneck_convs of a converted conv (to build a network of the
     same kind)."""
     norm = conv.norm
-    name = {nn.BatchNorm2d: "batch", nn.InstanceNorm2d: "instance"}.get(type(norm), "none")
+    name = next((name for cls, name in ((nn.BatchNorm2d, "batch"), (nn.InstanceNorm2d, "instance"))
+                 if isinstance(norm, cls)), "none")
     return dict(family=conv.basis.family, norm=name, affine=getattr(norm, "affine", True),
                 bottleneck_convs=isinstance(conv, KANBottleneckConv))
 

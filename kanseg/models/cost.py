@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .memory_format import to_channels_last
+
 
 def build_model(name_or_model: str | nn.Module, spatial_dims: int, in_channels: int,
                 out_channels: int, **model_kwargs: Any) -> nn.Module:
@@ -88,18 +90,22 @@ def train_patches_per_s(model: nn.Module, batch: Tensor, steps: int = 3) -> floa
 
 def model_cost(name_or_model: str | nn.Module, patch: Sequence[int], in_channels: int,
                out_channels: int, batch: int = 2, steps: int = 3, device: str = "cpu",
-               **model_kwargs: Any) -> dict[str, Any]:
+               channels_last: bool = False, **model_kwargs: Any) -> dict[str, Any]:
     """Parameters, forward GFLOPs per patch and training patches/s of a network.
 
     ``name_or_model`` is a registered model name (built with ``spatial_dims = len(patch)``,
     ``in_channels``, ``out_channels`` and ``model_kwargs``) or a module. The speed is measured
     on ``device`` with random ``batch x in_channels x patch`` inputs; the model is trained by
-    the measurement (pass a copy if its weights matter).
+    the measurement (pass a copy if its weights matter). ``channels_last``: its weights
+    stored channels-last (:func:`~kanseg.models.memory_format.to_channels_last`), as
+    ``trainer.channels_last`` trains it.
     """
     patch = [int(p) for p in patch]
     target = torch.device(device)
     model = build_model(name_or_model, len(patch), in_channels, out_channels,
                         **model_kwargs).to(target)
+    if channels_last:
+        to_channels_last(model)
     example = torch.randn(batch, in_channels, *patch, device=target)
     return {"params": count_params(model),
             "gflops": forward_gflops(model, example[:1]),
