@@ -38,7 +38,9 @@ class ModelConfig:
 
 @dataclass
 class InferenceConfig:
-    """Sliding-window inference: ROI (null -> data.patch_size), blending, TTA, outputs."""
+    """Sliding-window inference: ROI (null -> data.patch_size), blending, TTA, outputs;
+    ``channels_last: true`` stores the network's weights channels-last, as
+    ``trainer.channels_last`` does in training (faster 3D convolutions on CPU)."""
 
     roi_size: Optional[list[int]] = None
     overlap: float = 0.5
@@ -48,6 +50,7 @@ class InferenceConfig:
     save_probabilities: bool = False
     threshold: float = 0.5
     device: str = "auto"
+    channels_last: bool = False
     # label maps: "auto" -> <id>.png (H x W) for PNG/JPEG/TIFF/BMP inputs, <id>.nii.gz
     # otherwise, plus <id>.seg.dcm (DICOM-SEG) for DICOM series inputs
     output_format: Literal["auto", "nifti", "png", "dicom-seg"] = "auto"

@@ -30,6 +30,7 @@ from kanseg.data.readers import dicom_series
 from kanseg.dicom_seg import SEG_SUFFIX, is_dicom_series, segment_labels, write_dicom_seg
 from kanseg.engine.checkpoint import WEIGHTS, load_weights, resolve
 from kanseg.files import atomic_write
+from kanseg.models.memory_format import to_channels_last
 
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + IMAGE_SUFFIXES_2D
 
@@ -139,6 +140,8 @@ class Predictor:
                  progress: bool = False) -> None:
         self.device = resolve_device(settings.device)
         self.model = model.to(self.device).eval()
+        if settings.channels_last:
+            to_channels_last(self.model)
         self.spec = spec
         self.settings = settings
         # windows run on `device`; the full-size output is stitched on the CPU, so a large

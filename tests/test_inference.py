@@ -1,6 +1,7 @@
 """Sliding-window inference: geometry of the written NIfTI, equivalences, TTA, label decoding."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
@@ -137,6 +138,18 @@ def test_sliding_window_equals_whole_volume_when_roi_covers_it():
         with torch.no_grad():
             want = torch.softmax(model(x[None]), 1)[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_predicts_the_same_with_channels_last_weights():
+    x = torch.randn(2, 21, 17, 11)
+    spec = LabelSpec("classes", ("a", "b", "c"), ((0,), (1,), (2,)), "softmax")
+    settings = _settings(roi_size=(16, 12, 8), overlap=0.5)
+    want = Predictor(_tiny_unet(in_channels=2, out_channels=3), spec, settings)(x)
+    predictor = Predictor(_tiny_unet(in_channels=2, out_channels=3), spec,
+                          dataclasses.replace(settings, channels_last=True))
+    weight = predictor.model.stem.basis_weight  # (4, 2 * 4, 3, 3, 3)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    torch.testing.assert_close(predictor(x), want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
