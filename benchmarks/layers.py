@@ -84,7 +84,7 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
 def forget_memoized(module: nn.Module) -> None:
     """Empty the ``functools.lru_cache`` of every method of ``module`` and its submodules.
 
-    torch-conv-kan's KAGN layers memoize ``gram_poly`` on its input tensor, which is a new
+    torch-conv-kan's KAGN layers memoize their Gram polynomials on the input tensor, a new
     tensor at every call: the cache never hits, and keeps up to 128 basis tensors (with their
     autograd graphs) alive. In a round-robin benchmark that grows the heap by ~60 MB per round,
     and the candidates timed next fault in fresh pages (eager KAGN timed 2x slower than alone).

@@ -34,8 +34,8 @@ def test_layers_table_compiled(capsys, tmp_path):
 
 
 def test_timed_runs_forget_memoized_tensors():
-    """A module memoizing on its input (torch-conv-kan's ``gram_poly``) keeps nothing alive
-    between timed runs, in subclasses and submodules too."""
+    """A module memoizing on its input (as torch-conv-kan's KAGN layers memoize their Gram
+    polynomials) keeps nothing alive between timed runs, in subclasses and submodules too."""
     import functools
 
     import torch

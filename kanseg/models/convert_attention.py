@@ -219,8 +219,8 @@ def _first_conv_options(conv: nn.Module) -> dict:
     """Family, norm, affine and bottleneck_convs of a converted conv (to build a network of the
     same kind)."""
     norm = conv.norm
-    name = next((name for cls, name in ((nn.BatchNorm2d, "batch"), (nn.InstanceNorm2d, "instance"))
-                 if isinstance(norm, cls)), "none")
+    name = ("batch" if isinstance(norm, nn.BatchNorm2d)
+            else "instance" if isinstance(norm, nn.InstanceNorm2d) else "none")
     return dict(family=conv.basis.family, norm=name, affine=getattr(norm, "affine", True),
                 bottleneck_convs=isinstance(conv, KANBottleneckConv))
 
