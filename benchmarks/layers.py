@@ -14,8 +14,9 @@ the same run, round-robin so that load from other processes hits all of them ali
   (``--tck``); the column is skipped when it is absent.
 
 KAGN also runs with ``compile_expansion=True`` (the expansion and its backward as
-inductor-compiled kernels; the first calls compile, outside the timing) and with
-``recompute=False``; ``--compile`` adds every KAN layer under ``torch.compile`` as a whole.
+inductor-compiled kernels; the first calls compile, outside the timing; ``--compile-expansion``
+names the families that do, KAGN by default) and with ``recompute=False``; ``--compile`` adds
+every KAN layer under ``torch.compile`` as a whole.
 
 Like the command-line programs, the benchmark keeps freed memory in the process
 (:mod:`kanseg.allocator`; ``KANSEG_ALLOCATOR=system`` keeps glibc's defaults). Floors count
@@ -130,10 +131,12 @@ def floors(width: int, groups: int) -> dict[str, int]:
 
 
 def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: int = 1,
-               dtype: torch.dtype = torch.float32, compile_layers: bool = False
+               dtype: torch.dtype = torch.float32, compile_layers: bool = False,
+               compile_expansion: tuple[str, ...] = ("kagn",)
                ) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """Modules to time and the input each runs on (on the default device, in ``dtype``);
-    with ``compile_layers``, each KAN layer also runs under ``torch.compile``."""
+    with ``compile_layers``, each KAN layer also runs under ``torch.compile``; the families
+    in ``compile_expansion`` (of those timed) also run with ``compile_expansion=True``."""
     case = CASES[dims]
     channels = case["channels"]
     shape = (case["batch"] * batch_scale, channels) + (case["size"],) * dims
@@ -152,10 +155,12 @@ def candidates(dims: int, groups: int, families: list[str], tck, batch_scale: in
             for name, conv_groups in floors(width, groups).items():
                 runs[name] = (CONV[dims](width, channels, 3, padding=1, groups=conv_groups,
                                          bias=False), floor_x)
+    for family in families:
+        if family in compile_expansion:
+            runs[f"{family} compile_expansion"] = (create_kan_conv(
+                family, dims, channels, channels, 3, padding=1, groups=groups,
+                compile_expansion=True), x)
     if "kagn" in families:
-        runs["kagn compile_expansion"] = (create_kan_conv(
-            "kagn", dims, channels, channels, 3, padding=1, groups=groups,
-            compile_expansion=True), x)
         saving = create_kan_conv("kagn", dims, channels, channels, 3, padding=1, groups=groups,
                                  recompute=False)
         runs["kagn recompute=False"] = (saving, x)
@@ -220,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time every KAN layer under torch.compile (inductor; the "
                              "first calls compile, outside the timing)")
+    parser.add_argument("--compile-expansion", nargs="*", choices=sorted(BASIS_REGISTRY),
+                        default=["kagn"], metavar="FAMILY",
+                        help="families (of those timed) also timed with compile_expansion=True "
+                             "(default: kagn; none without names)")
     args = parser.parse_args(argv)
     allocator = "keeps freed memory" if keep_freed_memory() else "system default"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -240,12 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for dims in args.dims:
         for groups in args.groups:
-            runs = candidates(dims, groups, families, tck, args.batch_scale, dtype, args.compile)
+            runs = candidates(dims, groups, families, tck, args.batch_scale, dtype, args.compile,
+                              tuple(args.compile_expansion))
             times = measure(runs, repeats, f"{dims}D groups={groups}")
             train, no_grad = times["train"], times["no_grad"]
             input_bytes = runs["plain"][1].numel() * runs["plain"][1].element_size()
-            compiled = [f"{family} compiled" for family in families]
-            for name in [*families, *compiled, "kagn compile_expansion", "kagn recompute=False",
+            variants = [f"{family} {variant}" for variant in ("compiled", "compile_expansion")
+                        for family in families]
+            for name in [*families, *variants, "kagn recompute=False",
                          "kagn recompute=False compiled", "tck", "plain"]:
                 if name not in runs:
                     continue

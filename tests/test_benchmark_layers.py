@@ -28,9 +28,10 @@ def test_layers_table(capsys, tmp_path):
 @pytest.mark.slow
 def test_layers_table_compiled(capsys, tmp_path):
     bench.main(["--families", "kacn", "--dims", "3", "--groups", "1", "--repeats", "1",
-                "--compile", "--tck", str(tmp_path / "absent")])
+                "--compile", "--compile-expansion", "kacn", "--tck", str(tmp_path / "absent")])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| kacn")]
-    assert [row.split("|")[1].strip() for row in rows] == ["kacn", "kacn compiled"]
+    assert [row.split("|")[1].strip() for row in rows] == ["kacn", "kacn compiled",
+                                                           "kacn compile_expansion"]
 
 
 def test_timed_runs_forget_memoized_tensors():
