@@ -80,6 +80,20 @@ def test_saved_for_backward_same_as_eager(groups):
     assert saved[1] == saved[0] <= 4 * x.numel() * x.element_size()
 
 
+def test_kernels_keep_their_versions_past_dynamos_recompile_limit():
+    """Every family, option set and shape compiles another version of the same kernels; past
+    dynamo's recompile limit (8 by default, 1 here, made to fail instead of falling back to
+    eager) the kernels still compile, up to ``compiled.KERNEL_VERSIONS`` versions."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 7)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for degree in (1, 2):
+            layer = create_kan_conv("kagn", 1, 2, 2, 3, padding=1, degree=degree,
+                                    compile_expansion=True)
+            with torch.no_grad():
+                layer(x)
+
+
 def test_without_a_compiler_the_layer_warns_once_and_runs_eagerly(monkeypatch, caplog):
     """A C++ compiler that does not exist makes the probe fail: one warning, eager results."""
     torch._dynamo.reset()

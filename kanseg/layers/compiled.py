@@ -9,14 +9,19 @@ inputs once and writes its results once. One compiled function of each kind serv
 layer: dynamo guards on the expansion's type and options, so layers of one family and
 options share their kernels, and a second input shape compiles a dynamic-shape kernel for the
 rest. The first call of each compiles (seconds; inductor caches the code on disk for later
-processes).
+processes). Dynamo keeps at most ``recompile_limit`` versions of a function (8 by default)
+and runs the function eagerly from then on; the kernels here keep up to
+:data:`KERNEL_VERSIONS`, so that models and benchmarks with several families, option sets
+and shapes keep their compiled kernels.
 
 Where ``torch.compile`` cannot run (no C++ compiler on CPU, no Triton on GPU), a tiny probe
 says so once per device type: a warning is logged and the layers run eagerly.
 """
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -60,5 +65,22 @@ def _expand_with_vjp(expansion: nn.Module, x: Tensor, grad: Tensor, *params: Ten
     return (expanded, *pullback(grad))
 
 
-compiled_expand = torch.compile(expand_with_params)
-compiled_expand_with_vjp = torch.compile(_expand_with_vjp)
+KERNEL_VERSIONS = 64
+"""Compiled versions kept per kernel (one per family, option set, grad mode and static or
+dynamic shape)."""
+
+
+def _compile(fn: Callable[..., Tensor | tuple[Tensor, ...]]) -> Callable:
+    """``torch.compile(fn)``, called with dynamo's recompile limit at :data:`KERNEL_VERSIONS`."""
+    compiled = torch.compile(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Tensor | nn.Module):
+        with torch._dynamo.config.patch(recompile_limit=KERNEL_VERSIONS):
+            return compiled(*args)
+
+    return run
+
+
+compiled_expand = _compile(expand_with_params)
+compiled_expand_with_vjp = _compile(_expand_with_vjp)
